@@ -1,0 +1,80 @@
+"""Rendered configuration of the Redis scenario: the worker units and the Redis broker."""
+
+import shlex
+
+import pytest
+
+from worker_config import *  # noqa: F401,F403
+
+REDIS_CONF = "/etc/redis/redis.conf"
+
+
+def redis_cli(stack, *args, user=None, password=None):
+    auth = ""
+    if user:
+        auth = f"REDISCLI_AUTH={shlex.quote(password)} "
+        args = ("--user", user, "--no-auth-warning") + args
+    return stack.broker.run(auth + "redis-cli " + " ".join(shlex.quote(a) for a in args))
+
+
+@pytest.mark.parametrize("line", [
+    "appendonly yes",
+    "appendfsync everysec",
+    "maxmemory-policy noeviction",
+    "protected-mode yes",
+    "aclfile /etc/redis/users.acl",
+])
+def test_redis_conf(stack, line):
+    assert line in stack.broker.file(REDIS_CONF).content_string.splitlines()
+
+
+def test_redis_listens_only_on_the_given_addresses(stack):
+    listening = stack.broker.check_output("ss -Hltn 'sport = :6379'")
+    addresses = {row.split()[3].rsplit(":", 1)[0] for row in listening.splitlines()}
+    assert "127.0.0.1" in addresses
+    assert "0.0.0.0" not in addresses and "*" not in addresses and "[::]" not in addresses
+    ip = stack.broker.check_output("hostname -i").split()[0]
+    assert ip in addresses
+
+
+def test_redis_keeps_an_append_only_file(stack):
+    assert stack.broker.file("/var/lib/redis/appendonlydir").is_directory
+    manifest = stack.broker.run("ls /var/lib/redis/appendonlydir/*.manifest")
+    assert manifest.rc == 0, "no AOF manifest: appendonly is off on the running server"
+
+
+def test_default_user_cannot_run_commands(stack):
+    result = redis_cli(stack, "PING")
+    assert "NOAUTH" in result.stdout + result.stderr
+
+
+def test_celery_user_logs_in_but_gets_no_dangerous_commands(stack):
+    password = stack.broker_password()
+    assert redis_cli(stack, "PING", user="celery", password=password).stdout.strip() == "PONG"
+    denied = redis_cli(stack, "CONFIG", "GET", "appendonly", user="celery", password=password)
+    assert "NOPERM" in denied.stdout + denied.stderr
+    wrong = redis_cli(stack, "PING", user="celery", password="not-the-password")
+    assert "PONG" not in wrong.stdout
+
+
+def test_acl_file_holds_no_clear_text_password(stack):
+    acl = stack.broker.file("/etc/redis/users.acl")
+    assert stack.broker_password() not in acl.content_string
+    assert (acl.user, acl.group, acl.mode) == ("root", "redis", 0o640)
+
+
+def test_redis_stop_is_bounded_and_restarts(stack):
+    assert stack.unit_property("redis-server.service", "TimeoutStopUSec", stack.broker) == "5min"
+    assert stack.unit_property("redis-server.service", "Restart", stack.broker) == "always"
+
+
+def test_kernel_settings_are_written(stack):
+    sysctl = stack.broker.file("/etc/sysctl.d/60-redis-broker.conf").content_string
+    assert "vm.overcommit_memory=1" in sysctl.replace(" ", "")
+
+
+def test_worker_uses_the_derived_visibility_timeout_and_fast_sweep(stack):
+    options = stack.settings()["broker_transport_options"]
+    # Explicit 65 in the scenario, checked > hard limit (60) + countdown (0).
+    assert options["visibility_timeout"] == 65
+    assert (options["unacked_restore_interval"], options["unacked_restore_throttle"]) == (10, 1)

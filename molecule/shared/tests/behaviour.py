@@ -1,0 +1,117 @@
+"""Behaviour tests shared by the broker scenarios (imported by each test_behaviour.py).
+
+Each test injects one fault while a demo task runs and proves the task still completes.
+Each fails when its mechanism is removed:
+  - early ack (task_acks_late off): the interrupted task is never run again;
+  - KillMode=control-group: a restart aborts the running task (two starts, not one);
+  - no cold-shutdown escalation in ExecStop: a restart waits for the whole task;
+  - the unit not enabled: it is not back after a reboot;
+  - broker persistence off: queued tasks vanish with a broker crash.
+The seconds from each fault to the task running again go to the recovery report.
+"""
+
+import time
+
+UNIT = "celery-worker@default.service"
+
+
+def test_worker_sigkill_mid_task_reruns_the_task(stack, scenario, recovery):
+    """a. SIGKILL of the worker's main process mid-task: the task runs again and completes."""
+    (task,) = stack.send(20)
+    first = stack.wait_runs(task, 1, timeout=30)[0]
+    pid = stack.main_pid(UNIT)
+    fault = time.time()
+    stack.worker.check_output(f"kill -KILL {pid}")
+
+    starts = stack.wait_runs(task, 2, timeout=scenario["worker_crash_bound"])
+    stack.wait_runs(task, 1, event="done", timeout=40)
+    seconds = starts[1]["t"] - fault
+    recovery.record("worker main process SIGKILL", seconds, task_started_before_fault=round(fault - first["t"], 1))
+
+    assert stack.main_pid(UNIT) != pid, "systemd did not restart the worker"
+    assert len(stack.runs(task)) == 2, "the task ran more often than the one interrupted run + 1"
+    assert len(stack.runs(task, "done")) == 1
+
+
+def test_restart_lets_a_short_task_finish(stack, recovery):
+    """b1. systemctl restart mid-task: a task shorter than the drain finishes, uninterrupted."""
+    (task,) = stack.send(max(1, stack.drain_timeout() - 3))
+    stack.wait_runs(task, 1, timeout=30)
+    fault = time.time()
+    stack.worker.check_output(f"systemctl restart {UNIT}")
+    done = stack.wait_runs(task, 1, event="done", timeout=30)[0]
+    recovery.record("systemctl restart, task shorter than drain (finished)", done["t"] - fault)
+
+    assert len(stack.runs(task)) == 1, "the restart interrupted the task (KillMode must be mixed)"
+    assert done["t"] > fault
+
+
+def test_restart_returns_a_long_task_at_once(stack, scenario, recovery):
+    """b2. systemctl restart mid-task: a task longer than the drain is returned at once and re-run."""
+    drain = stack.drain_timeout()
+    soft_shutdown = stack.settings()["worker_soft_shutdown_timeout"]
+    (task,) = stack.send(25)
+    stack.wait_runs(task, 1, timeout=30)
+    fault = time.time()
+    stack.worker.check_output(f"systemctl restart {UNIT}")
+    restart_took = time.time() - fault
+    starts = stack.wait_runs(task, 2, timeout=30)
+    stack.wait_runs(task, 1, event="done", timeout=40)
+    recovery.record("systemctl restart, task longer than drain (re-run)", starts[1]["t"] - fault,
+                    restart_took=round(restart_took, 1))
+
+    # The stop waited for the drain and the soft shutdown, not for the 25 s task nor any
+    # broker timeout, and the task came back without the visibility timeout.
+    assert restart_took < drain + soft_shutdown + 8, f"restart took {restart_took:.1f} s"
+    assert starts[1]["t"] - fault < drain + soft_shutdown + 15
+    assert len(stack.runs(task)) == 2
+    assert len(stack.runs(task, "done")) == 1
+
+
+def test_reboot_mid_task_brings_the_worker_back(stack, scenario, recovery):
+    """c. Reboot of the worker host mid-task: the unit is back after boot, the task completes."""
+    (task,) = stack.send(25)
+    stack.wait_runs(task, 1, timeout=30)
+    fault = time.time()
+    stack.reboot(scenario["workers"][0], stop_timeout=stack.stop_timeout() + 30)
+    stack.wait_booted(stack.worker)
+    stack.wait_active(UNIT)
+    starts = stack.wait_runs(task, 2, timeout=60)
+    stack.wait_runs(task, 1, event="done", timeout=40)
+    recovery.record("worker host reboot", starts[1]["t"] - fault)
+
+    assert len(stack.runs(task)) == 2
+    assert len(stack.runs(task, "done")) == 1
+    # The state DB lives under the StateDirectory, which survives the reboot.
+    assert stack.worker.run("ls /var/lib/celery/ | grep -q '^default.state'").rc == 0
+
+
+def test_broker_restart_and_sigkill_keep_queued_tasks(stack, scenario, recovery):
+    """d. Broker restart, then SIGKILL, with tasks queued and one running: all of them complete."""
+    broker_unit = scenario["broker_unit"]
+    stack.worker.check_output("systemctl stop celery-worker@extra.service")
+    queued = stack.send(0, queue="extra", count=5)
+    (running,) = stack.send(12)
+    stack.wait_runs(running, 1, timeout=30)
+
+    stack.broker.check_output(f"systemctl restart {broker_unit}")
+    stack.wait_active(broker_unit, host=stack.broker)
+    queued += stack.send(0, queue="extra", count=5)
+    time.sleep(2)  # one fsync interval of the broker's persistence
+    pid = stack.main_pid(broker_unit, host=stack.broker)
+    fault = time.time()
+    stack.broker.check_output(f"systemctl kill --signal=KILL {broker_unit}")
+    stack.wait_until("the broker to be restarted",
+                     lambda: stack.main_pid(broker_unit, host=stack.broker) not in (0, pid), 60)
+    stack.wait_active(broker_unit, host=stack.broker)
+    stack.worker.check_output("systemctl start celery-worker@extra.service")
+
+    for task in queued:
+        stack.wait_runs(task, 1, event="done", timeout=90)
+    first_start = min(stack.runs(task)[0]["t"] for task in queued)
+    recovery.record("broker SIGKILL with 10 tasks queued (first queued task running)", first_start - fault)
+    stack.wait_runs(running, 1, event="done", timeout=90)
+
+    for task in queued:
+        assert len(stack.runs(task, "done")) == 1, f"queued task {task} ran more than once"
+    assert len(stack.runs(running, "done")) >= 1

@@ -1,0 +1,149 @@
+"""Drive a deployed stack from the tests: send demo tasks, read their events, inject faults.
+
+Hosts are reached with testinfra's docker backend (``docker exec``); reboots go through
+the docker SDK. The demo application (templates/demo_app.py.j2) appends one JSON line per
+task start and end to its events file on each worker host.
+"""
+
+import json
+import shlex
+import time
+
+from urllib.parse import unquote, urlsplit
+
+import docker
+import testinfra
+
+APP_DIR = "/opt/celery/app"
+VENV = "/opt/celery/venv"
+CONFIG_DIR = "/etc/celery"
+EVENTS_FILE = "/var/lib/demo-app/events.jsonl"
+
+
+class Stack:
+    """The broker and worker containers of one Molecule scenario."""
+
+    def __init__(self, broker, workers):
+        self.broker_name = broker
+        self.worker_names = list(workers)
+        self.broker = testinfra.get_host(f"docker://{broker}")
+        self.workers = [testinfra.get_host(f"docker://{name}") for name in workers]
+        self.worker = self.workers[0]
+        self._docker = docker.from_env()
+
+    # ------------------------------------------------------------------ settings ---
+    def settings(self, host=None):
+        """The Celery settings the workers run with, as the role rendered them."""
+        host = host or self.worker
+        return json.loads(host.file(f"{CONFIG_DIR}/settings.json").content_string)
+
+    def effective_conf(self, keys, host=None):
+        """Values of Celery settings as the worker's app sees them (app + role overrides)."""
+        host = host or self.worker
+        script = (
+            "import json, celery_reliable as m; "
+            f"print(json.dumps({{k: m.app.conf[k] for k in {list(keys)!r}}}))"
+        )
+        out = self.run_as_worker(f"{VENV}/bin/python -c {shlex.quote(script)}", host)
+        return json.loads(out)
+
+    def broker_url(self, host=None):
+        host = host or self.worker
+        for line in host.file(f"{CONFIG_DIR}/worker.env").content_string.splitlines():
+            if line.startswith("CELERY_BROKER_URL="):
+                return line.split("=", 1)[1]
+        raise AssertionError("no CELERY_BROKER_URL in worker.env")
+
+    def broker_password(self):
+        return unquote(urlsplit(self.broker_url()).password)
+
+    def run_as_worker(self, command, host=None):
+        """Run a shell command with the worker units' environment and working directory."""
+        host = host or self.worker
+        return host.check_output(
+            f"set -a; . {CONFIG_DIR}/worker.env; set +a; "
+            f"export PYTHONPATH=/usr/local/lib/celery-worker:{APP_DIR}; cd {APP_DIR} && {command}"
+        )
+
+    # --------------------------------------------------------------------- tasks ---
+    def send(self, seconds, queue="celery", count=1, host=None):
+        """Publish COUNT demo tasks sleeping SECONDS to QUEUE; return their ids."""
+        out = self.run_as_worker(f"{VENV}/bin/python -m demo_app send {seconds} {queue} {count}", host)
+        ids = out.split()
+        assert len(ids) == count, out
+        return ids
+
+    def events(self):
+        """Every event recorded on every worker host, in time order."""
+        found = []
+        for host in self.workers:
+            text = host.run(f"cat {EVENTS_FILE} 2>/dev/null").stdout
+            found.extend(json.loads(line) for line in text.splitlines() if line.strip())
+        return sorted(found, key=lambda e: e["t"])
+
+    def runs(self, task_id, event="start"):
+        return [e for e in self.events() if e["id"] == task_id and e["event"] == event]
+
+    def wait_until(self, what, predicate, timeout, interval=0.5):
+        """Poll PREDICATE until it returns a truthy value; fail naming WHAT after TIMEOUT s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(interval)
+
+    def wait_runs(self, task_id, n, event="start", timeout=60):
+        """Wait until TASK_ID has N events of kind EVENT; return them."""
+        return self.wait_until(
+            f"{event} #{n} of task {task_id}",
+            lambda: (lambda r: r if len(r) >= n else None)(self.runs(task_id, event)),
+            timeout,
+        )
+
+    # -------------------------------------------------------------------- faults ---
+    def unit_file_value(self, prefix, host=None, unit_file="/etc/systemd/system/celery-worker@.service"):
+        """What follows PREFIX= on the last line of a unit file that starts with it."""
+        host = host or self.worker
+        lines = [line for line in host.file(unit_file).content_string.splitlines()
+                 if line.startswith(f"{prefix}=")]
+        assert lines, f"{prefix}= not in {unit_file}"
+        return lines[-1][len(prefix) + 1:]
+
+    def drain_timeout(self):
+        """Seconds of warm drain the worker units use before the cold shutdown."""
+        return int(self.unit_file_value("Environment=CELERY_WORKER_DRAIN_TIMEOUT"))
+
+    def stop_timeout(self):
+        return int(self.unit_file_value("TimeoutStopSec"))
+
+    def unit_property(self, unit, prop, host=None):
+        host = host or self.worker
+        return host.check_output(f"systemctl show -P {prop} {unit}")
+
+    def main_pid(self, unit, host=None):
+        return int(self.unit_property(unit, "MainPID", host))
+
+    def wait_active(self, unit, host=None, timeout=60):
+        host = host or self.worker
+
+        def state():
+            return host.run(f"systemctl is-active {unit}").stdout.strip()
+
+        try:
+            self.wait_until(f"{unit} to be active", lambda: state() == "active", timeout)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; it is {state()}") from None
+
+    def reboot(self, name, stop_timeout):
+        """Reboot a host: docker restart, systemd stopping its units within STOP_TIMEOUT."""
+        self._docker.containers.get(name).restart(timeout=stop_timeout)
+
+    def wait_booted(self, host, timeout=90):
+        def booted():
+            state = host.run("systemctl is-system-running").stdout.strip()
+            return state in ("running", "degraded")
+
+        self.wait_until("the host to finish booting", booted, timeout)

@@ -1,0 +1,70 @@
+"""Checks of the rendered worker configuration, shared by the broker scenarios."""
+
+import pytest
+
+UNIT = "celery-worker@default.service"
+
+
+@pytest.mark.parametrize("prop, expected", [
+    ("Type", "exec"),
+    ("KillMode", "mixed"),
+    ("KillSignal", "15"),
+    ("Restart", "always"),
+    ("OOMPolicy", "continue"),
+    ("StartLimitIntervalUSec", "0"),
+    ("StateDirectory", "celery"),
+    ("User", "celery"),
+    ("NoNewPrivileges", "yes"),
+    ("ProtectSystem", "strict"),
+    ("ProtectHome", "yes"),
+    ("PrivateTmp", "yes"),
+])
+def test_worker_unit_property(stack, prop, expected):
+    assert stack.unit_property(UNIT, prop) == expected
+
+
+def test_stop_timeout_is_drain_plus_soft_shutdown_plus_30(stack):
+    soft_shutdown = stack.settings()["worker_soft_shutdown_timeout"]
+    assert stack.stop_timeout() == stack.drain_timeout() + soft_shutdown + 30
+
+
+def test_every_instance_runs_as_the_worker_user(stack):
+    for name in ("default", "extra"):
+        unit = f"celery-worker@{name}.service"
+        stack.wait_active(unit, timeout=30)
+        assert stack.worker.run(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
+        pid = stack.main_pid(unit)
+        assert stack.worker.check_output(f"ps -o user= -p {pid}") == "celery"
+    assert "--queues=extra" in stack.worker.check_output(
+        f"tr '\\0' ' ' < /proc/{stack.main_pid('celery-worker@extra.service')}/cmdline")
+
+
+def test_reliable_settings_override_the_application(stack):
+    """The demo app sets task_acks_late=False and prefetch 4; the workers must not use them."""
+    conf = stack.effective_conf([
+        "task_acks_late", "task_reject_on_worker_lost", "worker_prefetch_multiplier",
+        "task_acks_on_failure_or_timeout", "broker_connection_max_retries",
+        "broker_connection_retry_on_startup", "task_time_limit", "task_soft_time_limit",
+        "worker_cancel_long_running_tasks_on_connection_loss",
+    ])
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_acks_on_failure_or_timeout"] is True
+    assert conf["broker_connection_max_retries"] is None
+    assert conf["broker_connection_retry_on_startup"] is True
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is True
+    # celery_task_max_runtime 30 in the scenario: soft 30, hard 60.
+    assert (conf["task_soft_time_limit"], conf["task_time_limit"]) == (30, 60)
+
+
+def test_secrets_stay_out_of_world_readable_files(stack):
+    env = stack.worker.file("/etc/celery/worker.env")
+    assert (env.user, env.group, env.mode) == ("root", "root", 0o600)
+    assert "CELERY_BROKER_URL=redis://" in env.content_string or "CELERY_BROKER_URL=amqp://" in env.content_string
+    password = stack.broker_password()
+    for path in ("/etc/systemd/system/celery-worker@.service", "/etc/celery/settings.json",
+                 "/etc/celery/instance-default.env"):
+        assert password not in stack.worker.file(path).content_string, path
+    settings = stack.worker.file("/etc/celery/settings.json")
+    assert (settings.user, settings.group, settings.mode) == ("root", "celery", 0o640)

@@ -1,0 +1,20 @@
+# Managed by Ansible (celery_worker role): do not edit, changes are overwritten.
+"""Run the user's Celery application with the bundle's reliable settings.
+
+The worker units start ``celery --app=celery_reliable worker``. This module finds the
+application named by ``CELERY_WORKER_USER_APP`` exactly as ``celery -A`` would, then
+applies the settings in ``CELERY_WORKER_SETTINGS_FILE`` (JSON) over whatever the
+application configured itself, so late acknowledgement and the derived timeouts hold
+whatever the application module sets, without editing it. The broker URL comes from
+``CELERY_BROKER_URL``, which Celery prefers over any configured ``broker_url``.
+"""
+
+import json
+import os
+
+from celery.app.utils import find_app
+
+app = find_app(os.environ["CELERY_WORKER_USER_APP"])
+
+with open(os.environ["CELERY_WORKER_SETTINGS_FILE"], encoding="utf-8") as settings_file:
+    app.conf.update(json.load(settings_file))
