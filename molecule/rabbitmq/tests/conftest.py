@@ -1,0 +1,23 @@
+"""Facts of the rabbitmq scenario for the shared fixtures and tests in molecule/shared/tests."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
+
+from stack_fixtures import *  # noqa: E402,F401,F403
+
+
+@pytest.fixture(scope="session")
+def scenario():
+    return {
+        "name": "rabbitmq",
+        "broker": "celery-rabbitmq-broker",
+        "workers": ["celery-rabbitmq-worker1"],
+        "broker_unit": "rabbitmq-server.service",
+        # RabbitMQ requeues a SIGKILLed worker's deliveries when its connection closes: the
+        # task runs again as soon as systemd has restarted the worker (RestartSec 2 s).
+        "worker_crash_bound": 30,
+    }

@@ -1,0 +1,81 @@
+"""Rendered configuration of the RabbitMQ scenario: the worker units and the RabbitMQ broker."""
+
+import shlex
+
+import pytest
+
+from worker_config import *  # noqa: F401,F403
+
+VHOST = "celery"
+
+
+def rabbitmqctl(stack, *args):
+    return stack.broker.check_output("rabbitmqctl -q " + " ".join(shlex.quote(a) for a in args))
+
+
+def test_running_broker_reports_the_derived_consumer_timeout(stack):
+    # Explicit 61 s in the scenario (checked > hard limit 60 + countdown 0).
+    out = rabbitmqctl(stack, "eval", "application:get_env(rabbit, consumer_timeout).")
+    assert out.strip() == "{ok,61000}"
+
+
+def test_rabbitmq_listens_only_on_the_given_addresses(stack):
+    listening = stack.broker.check_output("ss -Hltn 'sport = :5672'")
+    addresses = {row.split()[3].rsplit(":", 1)[0] for row in listening.splitlines()}
+    assert "127.0.0.1" in addresses
+    assert "0.0.0.0" not in addresses and "*" not in addresses and "[::]" not in addresses
+    ip = stack.broker.check_output("hostname -i").split()[0]
+    assert ip in addresses
+
+
+def test_guest_user_is_gone_and_cannot_log_in(stack):
+    users = rabbitmqctl(stack, "list_users")
+    assert "guest" not in users.split()
+    script = (
+        "import amqp, sys\n"
+        "c = amqp.Connection('celery-rabbitmq-broker:5672', userid='guest', password='guest', "
+        "virtual_host='celery', connect_timeout=5)\n"
+        "try:\n    c.connect()\nexcept Exception as e:\n    print('refused', type(e).__name__)\n"
+        "else:\n    print('logged in')\n"
+    )
+    out = stack.worker.check_output(f"/opt/celery/venv/bin/python -c {shlex.quote(script)}")
+    assert out.startswith("refused"), out
+
+
+def test_celery_user_reaches_only_its_vhost(stack):
+    perms = rabbitmqctl(stack, "list_user_permissions", "celery")
+    assert [line.split()[0] for line in perms.splitlines() if line.strip() and not line.startswith("vhost")] == [VHOST]
+
+
+def test_task_queues_carry_the_dead_letter_policy(stack):
+    queues = dict(line.split()[:2] for line in rabbitmqctl(stack, "list_queues", "-p", VHOST, "name", "policy").splitlines()
+                  if len(line.split()) >= 2 and line.split()[0] != "name")
+    assert queues.get("celery") == "celery-tasks"
+    assert queues.get("extra") == "celery-tasks"
+    policy = rabbitmqctl(stack, "list_policies", "-p", VHOST)
+    assert '"dead-letter-exchange":"celery.dlx"' in policy.replace(" ", "")
+    assert '"message-ttl":70000' in policy.replace(" ", "")
+
+
+def test_rabbitmq_stop_is_bounded_and_restarts(stack):
+    assert stack.unit_property("rabbitmq-server.service", "TimeoutStopUSec", stack.broker) == "5min"
+    assert stack.unit_property("rabbitmq-server.service", "Restart", stack.broker) == "always"
+
+
+def test_secret_files_are_tight(stack):
+    conf = stack.broker.file("/etc/rabbitmq/rabbitmq.conf")
+    assert (conf.user, conf.group, conf.mode) == ("root", "rabbitmq", 0o640)
+    assert stack.broker_password() not in conf.content_string
+
+
+def test_worker_uses_the_rabbitmq_settings(stack):
+    conf = stack.effective_conf(["broker_channel_error_retry", "broker_heartbeat", "broker_transport_options"])
+    assert conf["broker_channel_error_retry"] is True
+    assert conf["broker_heartbeat"] == 60
+    assert conf["broker_transport_options"]["confirm_publish"] is True
+
+
+@pytest.mark.parametrize("queue", ["celery.dlq"])
+def test_dead_letter_queue_is_durable(stack, queue):
+    rows = rabbitmqctl(stack, "list_queues", "-p", VHOST, "name", "durable")
+    assert f"{queue}\ttrue" in rows or f"{queue} true" in " ".join(rows.split("\t"))
