@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The bundle's whole test suite, as CI runs it (.ci/run calls this script):
 #   1. scripts/bootstrap.sh: Python tools, Docker engine, local systemd base image;
-#   2. static checks: yamllint, ansible-lint (production profile), syntax checks;
+#   2. static checks: yamllint, ansible-lint (production profile), syntax checks, and the
+#      table of bad inputs that site.yml must refuse before changing anything;
 #   3. every Molecule scenario in molecule/ (or those named as arguments), one at a time.
 # Usage: scripts/test.sh [SCENARIO ...]
 set -euo pipefail
@@ -31,6 +32,9 @@ step "syntax checks"
 for playbook in site.yml playbooks/*.yml; do
   ansible-playbook --syntax-check -i inventories/example "$playbook"
 done
+
+step "bad input is refused before any change (pytest, no containers)"
+pytest -p no:cacheprovider -q tests/ --junitxml "$results/junit-static.xml"
 
 if (($#)); then
   scenarios=("$@")

@@ -75,6 +75,6 @@ def test_kernel_settings_are_written(stack):
 
 def test_worker_uses_the_derived_visibility_timeout_and_fast_sweep(stack):
     options = stack.settings()["broker_transport_options"]
-    # Explicit 65 in the scenario, checked > hard limit (60) + countdown (0).
-    assert options["visibility_timeout"] == 65
+    # Explicit 3600 in the scenario, checked > hard limit (60) + countdown (0).
+    assert options["visibility_timeout"] == 3600
     assert (options["unacked_restore_interval"], options["unacked_restore_throttle"]) == (10, 1)

@@ -1,0 +1,115 @@
+"""Bad input is refused before anything changes, with a message naming the variable.
+
+Each case runs site.yml (check mode, local connection, a valid baseline plus one bad
+override) and asserts that the run fails in the first play, "Check the settings before
+changing anything", that the message names what is wrong, and that nothing changed: no
+task of a later play ran and no host reports a change.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent / "bad_input"
+PREFLIGHT_PLAY = "Check the settings before changing anything"
+
+CASES = {
+    "password missing": ({"celery_broker_password": None}, "celery_broker_password"),
+    "password placeholder": ({"celery_broker_password": "changeme"}, "celery_broker_password"),
+    "unknown broker type": ({"celery_broker_type": "kafka"}, "celery_broker_type"),
+    "runtime zero": ({"celery_task_max_runtime": 0}, "celery_task_max_runtime"),
+    "visibility timeout below hard limit": (
+        {"celery_broker_visibility_timeout": 600}, "celery_broker_visibility_timeout"),
+    "visibility timeout below hard limit + countdown": (
+        {"celery_task_max_countdown": 600, "celery_broker_visibility_timeout": 4000},
+        "celery_broker_visibility_timeout"),
+    "hard limit not above soft": ({"celery_task_time_limit": 3600}, "celery_task_time_limit"),
+    "stop timeout below drain": ({"celery_worker_stop_timeout": 100}, "celery_worker_stop_timeout"),
+    "quorum queues on redis": ({"celery_broker_queue_type": "quorum"}, "celery_broker_queue_type"),
+    "worker app missing": ({"celery_worker_app": None}, "celery_worker_app"),
+    "instance name unsafe for a unit": (
+        {"celery_worker_instances": [{"name": "a/b", "queues": ["celery"], "concurrency": 1}]},
+        "celery_worker_instances"),
+    "concurrency zero": (
+        {"celery_worker_instances": [{"name": "w", "queues": ["celery"], "concurrency": 0}]},
+        "concurrency"),
+    "duplicate instance names": (
+        {"celery_worker_instances": [{"name": "w", "queues": ["a"], "concurrency": 1},
+                                     {"name": "w", "queues": ["b"], "concurrency": 1}]},
+        "unique names"),
+    "no queues": (
+        {"celery_worker_instances": [{"name": "w", "queues": [], "concurrency": 1}]},
+        "queues"),
+    "time limit in celery_worker_settings": (
+        {"celery_worker_settings": {"task_time_limit": 10}}, "celery_task_time_limit"),
+    "visibility timeout in celery_worker_settings": (
+        {"celery_worker_settings": {"broker_transport_options": {"visibility_timeout": 10}}},
+        "celery_broker_visibility_timeout"),
+    "relative app dir": ({"celery_worker_app_dir": "app"}, "celery_worker_app_dir"),
+    "relative writable path": ({"celery_worker_read_write_paths": ["tmp/x"]}, "celery_worker_read_write_paths"),
+    "redis bound nowhere": ({"redis_broker_bind": []}, "redis_broker_bind"),
+    "redis eviction through extra config": (
+        {"redis_broker_extra_config": {"maxmemory-policy": "allkeys-lru"}}, "maxmemory-policy"),
+    "rabbitmq TTL shorter than a task": (
+        {"celery_broker_type": "rabbitmq", "rabbitmq_broker_message_ttl": 60}, "rabbitmq_broker_message_ttl"),
+    "rabbitmq consumer timeout below hard limit": (
+        {"celery_broker_type": "rabbitmq", "celery_broker_consumer_timeout": 600}, "celery_broker_consumer_timeout"),
+}
+
+
+def run_site(overrides, tmp_path, *options):
+    extra = tmp_path / "extra.json"
+    env = dict(os.environ,
+               ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+               ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+               ANSIBLE_LOCALHOST_WARNING="false",
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+    # None means "not defined": drop it from the baseline instead of passing null.
+    baseline = {k: v for k, v in yaml.safe_load((HERE / "good.yml").read_text()).items()
+                if k not in overrides or overrides[k] is not None}
+    base_file = tmp_path / "baseline.json"
+    base_file.write_text(json.dumps(baseline))
+    extra.write_text(json.dumps({k: v for k, v in overrides.items() if v is not None}))
+    proc = subprocess.run(
+        ["ansible-playbook", "--check", *options, "-i", str(HERE / "hosts.yml"),
+         "-e", f"@{base_file}", "-e", f"@{extra}", str(ROOT / "site.yml")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    return proc, json.loads(proc.stdout)
+
+
+def failure_messages(report):
+    messages = []
+    for play in report["plays"]:
+        for task in play["tasks"]:
+            for result in task["hosts"].values():
+                if result.get("failed"):
+                    messages.append(str(result.get("msg", "")))
+                    messages.extend(str(item.get("msg", "")) for item in result.get("results", [])
+                                    if item.get("failed"))
+    return messages
+
+
+def test_the_baseline_passes_the_preflight(tmp_path):
+    # Only the preflight play (tagged always) runs: a tag nothing else carries.
+    proc, report = run_site({}, tmp_path, "--tags", "preflight-only")
+    preflight = [p for p in report["plays"] if p["play"]["name"] == PREFLIGHT_PLAY][0]
+    assert not failure_messages({"plays": [preflight]}), proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_refused_before_any_change(case, tmp_path):
+    overrides, expected = CASES[case]
+    proc, report = run_site(overrides, tmp_path)
+    assert proc.returncode != 0, "the run did not fail"
+    plays = [play["play"]["name"] for play in report["plays"]]
+    assert plays == [PREFLIGHT_PLAY], f"later plays ran: {plays}"
+    messages = failure_messages(report)
+    assert messages, "no task failed"
+    assert any(expected in message for message in messages), messages
+    assert all(stats.get("changed", 0) == 0 for stats in report["stats"].values()), report["stats"]
