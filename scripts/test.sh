@@ -46,8 +46,11 @@ declare -A took
 for scenario in "${scenarios[@]}"; do
   step "molecule test -s $scenario"
   t0=$(date +%s)
-  molecule test -s "$scenario"
+  molecule test -s "$scenario" 2>&1 | tee "$results/molecule-$scenario.log"
   took[$scenario]=$(($(date +%s) - t0))
+  step "no_log: the broker password never appears in the $scenario output"
+  python3 scripts/check_no_secrets.py "$results/molecule-$scenario.log" \
+    "molecule/$scenario/molecule.yml" "$results/junit-secrets-$scenario.xml"
 done
 
 step "summary"

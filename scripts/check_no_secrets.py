@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Fail if a scenario's broker password appears in its Molecule output (the no_log check).
+
+Usage: check_no_secrets.py LOG MOLECULE_YML JUNIT_XML
+Looks for the password of every celery_broker_password in MOLECULE_YML, as written and
+URL-encoded, in LOG (create, converge, idempotence, verify and destroy output), and writes
+the result as one JUnit test case.
+"""
+
+import sys
+from pathlib import Path
+from urllib.parse import quote
+from xml.sax.saxutils import escape
+
+import yaml
+
+
+def passwords(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "celery_broker_password" and isinstance(value, str):
+                yield value
+            else:
+                yield from passwords(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from passwords(item)
+
+
+def main(log_path, molecule_yml, junit_path):
+    log = Path(log_path).read_text(errors="replace")
+    secrets = set(passwords(yaml.safe_load(Path(molecule_yml).read_text())))
+    assert secrets, f"no celery_broker_password in {molecule_yml}"
+    leaked = [form for secret in secrets for form in {secret, quote(secret, safe="")} if form in log]
+    name = f"no broker password in the Molecule output of {Path(molecule_yml).parent.name}"
+    failure = f'<failure message="{escape(str(len(leaked)))} form(s) of the password leaked"/>' if leaked else ""
+    Path(junit_path).write_text(
+        f'<testsuite name="secrets" tests="1" failures="{int(bool(leaked))}">'
+        f'<testcase classname="secrets" name="{escape(name)}">{failure}</testcase></testsuite>\n')
+    print(f"{name}: {'LEAKED' if leaked else 'clean'} ({len(secrets)} password(s), {len(log)} bytes read)")
+    return 1 if leaked else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
