@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Fail if a scenario's broker password appears in its Molecule output (the no_log check).
 
-Usage: check_no_secrets.py LOG MOLECULE_YML JUNIT_XML
-Looks for the password of every celery_broker_password in MOLECULE_YML, as written and
-URL-encoded, in LOG (create, converge, idempotence, verify and destroy output), and writes
-the result as one JUnit test case.
+Usage: check_no_secrets.py LOG VARS_YML JUNIT_XML [LABEL]
+Looks for the password of every celery_broker_password in VARS_YML (a molecule.yml, or the
+sandbox's generated variables), as written and URL-encoded, in LOG (the whole output of a
+scenario or of the sandbox), and writes the result as one JUnit test case.
 """
 
 import sys
@@ -27,12 +27,12 @@ def passwords(node):
             yield from passwords(item)
 
 
-def main(log_path, molecule_yml, junit_path):
+def main(log_path, molecule_yml, junit_path, label=None):
     log = Path(log_path).read_text(errors="replace")
     secrets = set(passwords(yaml.safe_load(Path(molecule_yml).read_text())))
     assert secrets, f"no celery_broker_password in {molecule_yml}"
     leaked = [form for secret in secrets for form in {secret, quote(secret, safe="")} if form in log]
-    name = f"no broker password in the Molecule output of {Path(molecule_yml).parent.name}"
+    name = f"no broker password in the output of {label or Path(molecule_yml).parent.name}"
     failure = f'<failure message="{escape(str(len(leaked)))} form(s) of the password leaked"/>' if leaked else ""
     Path(junit_path).write_text(
         f'<testsuite name="secrets" tests="1" failures="{int(bool(leaked))}">'

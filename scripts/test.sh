@@ -3,8 +3,9 @@
 #   1. scripts/bootstrap.sh: Python tools, Docker engine, local systemd base image;
 #   2. static checks: yamllint, ansible-lint (production profile), syntax checks, and the
 #      table of bad inputs that site.yml must refuse before changing anything;
-#   3. every Molecule scenario in molecule/ (or those named as arguments), one at a time.
-# Usage: scripts/test.sh [SCENARIO ...]
+#   3. every Molecule scenario in molecule/, one at a time;
+#   4. the sandbox (scripts/sandbox.sh) with each broker, ending with the fire drill.
+# Usage: scripts/test.sh [SCENARIO ...]   (a scenario name, or sandbox-redis, sandbox-rabbitmq)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,7 +13,7 @@ cd "$repo"
 results=${CELERY_BUNDLE_RESULTS_DIR:-$repo/.results}
 export CELERY_BUNDLE_RESULTS_DIR=$results
 mkdir -p "$results"
-rm -f "$results"/junit-*.xml
+rm -f "$results"/junit-*.xml "$results"/drill-*.json
 
 step() { printf '\n=== %s [%s]\n' "$*" "$(date +%H:%M:%S)"; }
 start=$(date +%s)
@@ -40,10 +41,38 @@ if (($#)); then
   scenarios=("$@")
 else
   mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
+  scenarios+=(sandbox-redis sandbox-rabbitmq)
 fi
+
+# The sandbox with one broker, as a newcomer runs it, then the fire drill (one JUnit case).
+sandbox() {
+  local broker=$1 rc=0
+  rm -f .drill/report.json
+  bash scripts/sandbox.sh up "$broker" 2>&1 | tee "$results/sandbox-$broker.log" || rc=$?
+  cp .drill/report.json "$results/drill-$broker.json" 2>/dev/null || true
+  python3 scripts/check_no_secrets.py "$results/sandbox-$broker.log" \
+    inventories/sandbox/group_vars/all/generated.yml "$results/junit-secrets-sandbox-$broker.xml" \
+    "the sandbox ($broker)"
+  python3 - "$broker" "$rc" "$results/junit-sandbox-$broker.xml" <<'PY'
+import sys
+broker, rc, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+failure = f'<failure message="scripts/sandbox.sh up {broker} exited {rc}"/>' if rc else ""
+open(path, "w").write(
+    f'<testsuite name="sandbox" tests="1" failures="{int(bool(rc))}"><testcase classname="sandbox" '
+    f'name="sandbox and fire drill ({broker}): deployed, no task lost">{failure}</testcase></testsuite>\n')
+PY
+  return "$rc"
+}
 
 declare -A took
 for scenario in "${scenarios[@]}"; do
+  if [[ $scenario == sandbox-* ]]; then
+    step "sandbox and fire drill: scripts/sandbox.sh up ${scenario#sandbox-}"
+    t0=$(date +%s)
+    sandbox "${scenario#sandbox-}"
+    took[$scenario]=$(($(date +%s) - t0))
+    continue
+  fi
   step "molecule test -s $scenario"
   t0=$(date +%s)
   molecule test -s "$scenario" 2>&1 | tee "$results/molecule-$scenario.log"
@@ -53,10 +82,18 @@ for scenario in "${scenarios[@]}"; do
     "molecule/$scenario/molecule.yml" "$results/junit-secrets-$scenario.xml"
 done
 
+if [[ " ${scenarios[*]} " == *" sandbox-"* ]]; then
+  step "removing the sandbox"
+  bash scripts/sandbox.sh down
+fi
+
 step "summary"
 for scenario in "${scenarios[@]}"; do
-  printf '  molecule %-10s %4d s\n' "$scenario" "${took[$scenario]}"
+  printf '  %-18s %4d s\n' "$scenario" "${took[$scenario]}"
   [[ -f $results/recovery-$scenario.json ]] && sed 's/^/    /' "$results/recovery-$scenario.json"
+  [[ -f $results/drill-${scenario#sandbox-}.json && $scenario == sandbox-* ]] &&
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("    tasks", r["tasks"]); [print("    %-20s %s s" % (f["fault"], f["seconds"])) for f in r["faults"]]' \
+      "$results/drill-${scenario#sandbox-}.json"
 done
 printf '  total %d s\n' $(($(date +%s) - start))
 # One plain closing line over every test case the scenarios ran (from their JUnit files).

@@ -62,7 +62,7 @@ CASES = {
 }
 
 
-def run_site(overrides, tmp_path, *options):
+def run_site(overrides, tmp_path, *options, playbook="site.yml"):
     extra = tmp_path / "extra.json"
     env = dict(os.environ,
                ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
@@ -77,7 +77,7 @@ def run_site(overrides, tmp_path, *options):
     extra.write_text(json.dumps({k: v for k, v in overrides.items() if v is not None}))
     proc = subprocess.run(
         ["ansible-playbook", "--check", *options, "-i", str(HERE / "hosts.yml"),
-         "-e", f"@{base_file}", "-e", f"@{extra}", str(ROOT / "site.yml")],
+         "-e", f"@{base_file}", "-e", f"@{extra}", str(ROOT / playbook)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip(), proc.stderr[-3000:]
     return proc, json.loads(proc.stdout)
@@ -111,5 +111,26 @@ def test_bad_input_is_refused_before_any_change(case, tmp_path):
     assert plays == [PREFLIGHT_PLAY], f"later plays ran: {plays}"
     messages = failure_messages(report)
     assert messages, "no task failed"
+    assert any(expected in message for message in messages), messages
+    assert all(stats.get("changed", 0) == 0 for stats in report["stats"].values()), report["stats"]
+
+
+DRILL_PREFLIGHT_PLAY = "Drill | Check the inventory and the permission to inject faults"
+DRILL_CASES = {
+    "fault injection not allowed": ({}, "celery_drill_allowed: true"),
+    "drill instance named like a real one": (
+        {"celery_drill_allowed": True, "celery_drill_instance": "default"}, "celery_drill_instance"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DRILL_CASES))
+def test_the_drill_refuses_before_touching_a_host(case, tmp_path):
+    """playbooks/drill.yml stops in its first play: no canary, no fault."""
+    overrides, expected = DRILL_CASES[case]
+    proc, report = run_site(overrides, tmp_path, playbook="playbooks/drill.yml")
+    assert proc.returncode != 0, "the drill did not fail"
+    plays = [play["play"]["name"] for play in report["plays"]]
+    assert plays == [DRILL_PREFLIGHT_PLAY], f"later plays ran: {plays}"
+    messages = failure_messages(report)
     assert any(expected in message for message in messages), messages
     assert all(stats.get("changed", 0) == 0 for stats in report["stats"].values()), report["stats"]

@@ -115,3 +115,23 @@ def test_broker_restart_and_sigkill_keep_queued_tasks(stack, scenario, recovery)
     for task in queued:
         assert len(stack.runs(task, "done")) == 1, f"queued task {task} ran more than once"
     assert len(stack.runs(running, "done")) >= 1
+
+
+def test_broker_restart_returns_the_running_task_at_once(stack, scenario, recovery):
+    """d2. Broker restart while a task runs: the task runs again as soon as the broker is back.
+
+    The worker loses its connection and cancels the running task (it could no longer
+    acknowledge it). RabbitMQ requeues the message when the connection closes. Redis is down
+    when kombu tries to put the message back, so it stays in the unacked hash: without the
+    fast-recovery transport (which treats the dropped connection as a dead incarnation) it
+    would wait for the visibility timeout, an hour in this scenario.
+    """
+    broker_unit = scenario["broker_unit"]
+    (task,) = stack.send(20)
+    stack.wait_runs(task, 1, timeout=30)
+    fault = time.time()
+    stack.broker.check_output(f"systemctl restart {broker_unit}")
+    starts = stack.wait_runs(task, 2, timeout=scenario["worker_crash_bound"] + 30)
+    stack.wait_runs(task, 1, event="done", timeout=60)
+    recovery.record("broker restart mid-task (running task again)", starts[1]["t"] - fault)
+    assert len(stack.runs(task, "done")) == 1

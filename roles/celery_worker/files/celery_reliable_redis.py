@@ -12,9 +12,14 @@ MULTI/EXEC pipeline as kombu's own ``unacked`` entry and removed in the same pip
 kombu's ack, so it costs no extra round trip. Each incarnation registers itself under its
 node name (``CELERY_WORKER_NODENAME``, e.g. ``default@host``) and keeps a lease alive.
 
+An incarnation is one consuming connection of one worker process: a worker that reconnects
+after losing the broker (a broker restart) starts a new incarnation, and the messages its
+dropped connection held (which kombu could not put back while the broker was down) are
+returned by the new one, not after the visibility timeout.
+
 When an incarnation of a node starts, it looks for earlier incarnations of the *same* node
 that are dead: their lease expired, or the lease names a process on this machine that no
-longer exists. For each message still owned by a dead incarnation it runs one WATCHed
+longer exists, or an earlier connection of this very process. For each message still owned by a dead incarnation it runs one WATCHed
 transaction that re-checks the owner, removes the unacked entries and pushes the message
 back to its queue, exactly as kombu's own restore does. Messages of live workers (other
 owners) are never touched; when in doubt (a lease from another machine that has not
@@ -43,8 +48,9 @@ LEASE_KEY = "unacked_lease:{token}"
 LEASE_TTL = 30
 TICK_SECONDS = 2
 
-# This process's incarnation: fresh for every worker start.
-TOKEN = uuid.uuid4().hex
+# The incarnation this process consumes through now (set when a connection joins the event
+# loop); earlier connections of this process are dead incarnations.
+_current = {"token": None, "timer": None}
 
 
 def _machine_id():
@@ -65,8 +71,9 @@ def _process_start(pid):
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _lease_value():
-    return json.dumps({"machine": _machine_id(), "pid": os.getpid(), "start": _process_start(os.getpid())})
+def _lease_value(token):
+    return json.dumps({"machine": _machine_id(), "pid": os.getpid(),
+                       "start": _process_start(os.getpid()), "token": token})
 
 
 def _lease_is_dead(raw):
@@ -79,6 +86,8 @@ def _lease_is_dead(raw):
         return False
     if lease.get("machine") != _machine_id() or not lease.get("machine"):
         return False  # another machine: wait for the lease to expire
+    if lease.get("pid") == os.getpid() and lease.get("start") == _process_start(os.getpid()):
+        return lease.get("token") != _current["token"]  # an earlier connection of this process
     return _process_start(lease.get("pid")) != lease.get("start")
 
 
@@ -92,7 +101,7 @@ class QoS(kombu_redis.QoS):
             pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
             pipe.hset(self.unacked_key, delivery_tag, dumps([message._raw, exchange, routing_key]))
             if self.channel.fast_recovery_node:
-                pipe.hset(OWNER_KEY, delivery_tag, TOKEN)
+                pipe.hset(OWNER_KEY, delivery_tag, self.channel.connection.fast_recovery_token)
             pipe.execute()
         virtual.QoS.append(self, message, delivery_tag)
 
@@ -136,18 +145,19 @@ class Channel(kombu_redis.Channel):
 class FastRecovery:
     """Lease and predecessor recovery of one worker process, driven by the event loop."""
 
-    def __init__(self, channel, node):
+    def __init__(self, channel, node, token):
         self.channel = channel
         self.node = node
+        self.token = token
         self.incarnations_key = INCARNATIONS_KEY.format(node=node)
         self.registered = False
 
     def tick(self):
         try:
             with self.channel.conn_or_acquire() as client:
-                client.set(LEASE_KEY.format(token=TOKEN), _lease_value(), ex=LEASE_TTL)
+                client.set(LEASE_KEY.format(token=self.token), _lease_value(self.token), ex=LEASE_TTL)
                 if not self.registered:
-                    client.sadd(self.incarnations_key, TOKEN)
+                    client.sadd(self.incarnations_key, self.token)
                     self.registered = True
                 self.recover_dead_predecessors(client)
         except self.channel.connection_errors:
@@ -156,13 +166,13 @@ class FastRecovery:
     def recover_dead_predecessors(self, client):
         for raw_token in client.smembers(self.incarnations_key):
             token = bytes_to_str(raw_token)
-            if token == TOKEN or not _lease_is_dead(client.get(LEASE_KEY.format(token=token))):
+            if token == self.token or not _lease_is_dead(client.get(LEASE_KEY.format(token=token))):
                 continue
             tags = [bytes_to_str(tag) for tag, owner in client.hscan_iter(OWNER_KEY)
                     if bytes_to_str(owner) == token]
             restored = sum(self.channel.recover_tag(client, tag, token) for tag in tags)
             if restored:
-                logger.warning("Restored %d message(s) held by a crashed earlier run of %s",
+                logger.warning("Restored %d message(s) held by a dead earlier run or connection of %s",
                                restored, self.node)
             client.srem(self.incarnations_key, token)
             client.delete(LEASE_KEY.format(token=token))
@@ -171,11 +181,16 @@ class FastRecovery:
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Owner of the messages consumed through this connection (see the module docstring).
+        self.fast_recovery_token = uuid.uuid4().hex
+
     def register_with_event_loop(self, connection, loop):
         super().register_with_event_loop(connection, loop)
-        old = getattr(self.cycle, "_fast_recovery_tref", None)
-        if old is not None:
-            old.cancel()
+        if _current["timer"] is not None:
+            _current["timer"].cancel()  # the tick of a connection this one replaces
+            _current["timer"] = None
         if not os.environ.get(NODE_ENV):
             return
         # A channel of its own (closed with the connection), so no consumer's channel is borrowed.
@@ -184,6 +199,7 @@ class Transport(kombu_redis.Transport):
         node = channel.fast_recovery_node
         if not node:
             return
-        recovery = FastRecovery(channel, node)
+        _current["token"] = self.fast_recovery_token
+        recovery = FastRecovery(channel, node, self.fast_recovery_token)
         recovery.tick()  # register and recover before the first poll
-        self.cycle._fast_recovery_tref = loop.call_repeatedly(TICK_SECONDS, recovery.tick)
+        _current["timer"] = loop.call_repeatedly(TICK_SECONDS, recovery.tick)

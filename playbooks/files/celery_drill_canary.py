@@ -1,0 +1,208 @@
+# Managed by Ansible (playbooks/drill.yml): installed for a fire drill, removed after it.
+"""Canary tasks of the bundle's fire drill.
+
+As a worker application: the drill starts an extra instance of the bundle's own unit,
+``celery-worker@<drill instance>.service``, whose environment names this module as the
+application (``CELERY_WORKER_USER_APP``). It runs with the same reliable settings, stop
+sequence and transport as your workers, on its own queue, so your tasks are not touched.
+Each canary run appends a "start" and a "done" line to ``CELERY_DRILL_EVENTS``.
+
+As a command, run by the drill as root on a worker host:
+
+    celery_drill_canary.py send QUEUE COUNT SECONDS   send COUNT canaries to QUEUE
+    celery_drill_canary.py recovered FAULT_T END_T TIMEOUT KIND
+                                                      wait until the canaries in flight at
+                                                      FAULT_T ran again or finished, and a
+                                                      queued one started: for KIND worker in
+                                                      a worker process started after
+                                                      FAULT_T, else after END_T (the fault
+                                                      over); print the seconds from FAULT_T
+    celery_drill_canary.py settle TIMEOUT             wait for every canary sent from this
+                                                      host to finish; print the counts
+    celery_drill_canary.py cleanup QUEUE              delete the canary queue (and on Redis
+                                                      the instance's fast-recovery records)
+
+Each prints one JSON object. The broker URL and settings come from the worker's own
+environment files, read here the way systemd reads them.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+
+from celery import Celery
+
+EVENTS_FILE = os.environ.get("CELERY_DRILL_EVENTS", "/var/lib/celery/drill/events.jsonl")
+TASK_NAME = "celery_drill.canary"
+
+app = Celery("celery_drill_canary")
+# When this worker's main process started (the pool's children inherit it): a recovery from
+# a worker fault counts only once a *new* worker process runs canaries again.
+MAIN_STARTED = time.time()
+
+
+def _append(path, record):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@app.task(bind=True, name=TASK_NAME)
+def canary(self, seconds):
+    """Sleep for SECONDS, recording the start and the end."""
+    _append(EVENTS_FILE, {"event": "start", "id": self.request.id, "t": time.time(),
+                          "node": self.request.hostname, "main": MAIN_STARTED})
+    time.sleep(seconds)
+    _append(EVENTS_FILE, {"event": "done", "id": self.request.id, "t": time.time(),
+                          "node": self.request.hostname})
+    return seconds
+
+
+# ---- command side (root on a worker host) -----------------------------------------------
+
+def _read_jsonl(path):
+    try:
+        with open(path, encoding="utf-8") as lines:
+            return [json.loads(line) for line in lines if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _load_env_file(path):
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (no shell expansion)."""
+    with open(path, encoding="utf-8") as env:
+        for line in env:
+            line = line.strip()
+            if not line or line.startswith(("#", ";")) or "=" not in line:
+                continue
+            key, value = line.split("=", 1)
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            os.environ[key.strip()] = value
+
+
+def _configured_app(lib_dir, app_dir):
+    sys.path[:0] = [lib_dir, app_dir]
+    import celery_reliable  # noqa: E402  (the workers' own loader: same URL, same settings)
+
+    return celery_reliable.app
+
+
+def _sent_file():
+    return os.path.join(os.path.dirname(EVENTS_FILE), "sent.jsonl")
+
+
+def send(ctx, queue, count, seconds):
+    since = time.time()
+    ids = [ctx.send_task(TASK_NAME, args=(float(seconds),), queue=queue).id
+           for _ in range(int(count))]
+    for task_id in ids:
+        _append(_sent_file(), {"id": task_id, "queue": queue, "t": time.time()})
+    return {"since": since, "ids": ids}
+
+
+def recovered(fault_t, end_t, timeout, kind):
+    """Seconds from the fault until this host's canaries run again.
+
+    Recovered means: every canary in flight at the fault started again or finished, and, if
+    some were still queued, a canary started after the fault was over: after a worker fault
+    (kill, restart, reboot) in a worker process that began after the fault, after any other
+    (a pool process killed, the broker restarted) once the fault's command had returned.
+    """
+    fault_t, end_t = float(fault_t), float(end_t)
+    new_process_only = kind == "worker"
+    deadline = time.time() + float(timeout)
+    sent = {row["id"] for row in _read_jsonl(_sent_file())}
+    while True:
+        events = _read_jsonl(EVENTS_FILE)
+        before = [e for e in events if e["t"] <= fault_t and e["id"] in sent]
+        after = [e for e in events if e["t"] > fault_t and e["id"] in sent]
+        done_before = {e["id"] for e in before if e["event"] == "done"}
+        in_flight = {e["id"] for e in before if e["event"] == "start"} - done_before
+        queued = sent - done_before - in_flight
+        first_after = {}
+        for e in after:
+            first_after.setdefault(e["id"], e["t"])
+        waits = [first_after.get(task_id) for task_id in in_flight]
+        if queued:
+            starts = [e["t"] for e in after if e["event"] == "start"
+                      and (e.get("main", 0) > fault_t if new_process_only else e["t"] > end_t)]
+            waits.append(min(starts) if starts else None)
+        if waits and None not in waits:
+            return {"recovered": True, "seconds": round(max(waits) - fault_t, 2),
+                    "in_flight": len(in_flight), "queued": len(queued)}
+        if not waits:
+            return {"recovered": True, "seconds": 0.0, "in_flight": 0, "queued": 0}
+        if time.time() > deadline:
+            return {"recovered": False, "seconds": None, "in_flight": len(in_flight),
+                    "queued": len(queued)}
+        time.sleep(0.2)
+
+
+def settle(timeout):
+    """Wait for every canary sent from this host to finish; count lost and duplicated."""
+    deadline = time.time() + float(timeout)
+    sent = [row["id"] for row in _read_jsonl(_sent_file())]
+    while True:
+        events = _read_jsonl(EVENTS_FILE)
+        done = {}
+        starts = 0
+        for e in events:
+            if e["event"] == "done":
+                done[e["id"]] = done.get(e["id"], 0) + 1
+            else:
+                starts += 1
+        lost = [task_id for task_id in sent if task_id not in done]
+        if not lost or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    duplicated = [task_id for task_id in sent if done.get(task_id, 0) > 1]
+    return {"sent": len(sent), "completed": len(sent) - len(lost), "lost": len(lost),
+            "duplicated": len(duplicated), "runs": starts, "lost_ids": lost,
+            "duplicated_ids": duplicated}
+
+
+def cleanup(ctx, queue):
+    node = f"{os.environ['CELERY_DRILL_INSTANCE']}@{socket.gethostname()}"  # as systemd's %i@%H
+    with ctx.connection_for_write() as conn:
+        channel = conn.default_channel
+        try:
+            channel.queue_delete(queue)
+        except Exception as exc:  # already gone: nothing to clean
+            return {"queue": queue, "deleted": False, "reason": str(exc)}
+        client = getattr(channel, "client", None)
+        if client is not None and hasattr(client, "delete"):
+            client.delete(f"unacked_incarnations:{node}")
+    return {"queue": queue, "deleted": True}
+
+
+def main(argv):
+    # celery_drill_canary.py CONFIG_DIR LIB_DIR APP_DIR INSTANCE COMMAND ARGS...
+    global EVENTS_FILE
+    config_dir, lib_dir, app_dir, instance, command, *args = argv
+    _load_env_file(os.path.join(config_dir, "worker.env"))
+    _load_env_file(os.path.join(config_dir, f"instance-{instance}.env"))
+    EVENTS_FILE = os.environ["CELERY_DRILL_EVENTS"]
+    os.environ["CELERY_DRILL_INSTANCE"] = instance
+    if command == "recovered":
+        result = recovered(*args)
+    elif command == "settle":
+        result = settle(*args)
+    else:
+        ctx = _configured_app(lib_dir, app_dir)
+        if command == "send":
+            result = send(ctx, *args)
+        elif command == "cleanup":
+            result = cleanup(ctx, *args)
+        else:
+            sys.exit(f"unknown command {command!r}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
