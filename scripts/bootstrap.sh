@@ -26,6 +26,8 @@ install_packages() {
   local missing=()
   command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
   command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+  # Ubuntu: debootstrap needs Debian's archive keys to verify bookworm.
+  host_is_debian || [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
   [[ -x /usr/bin/docker ]] || missing+=(docker.io)
   if ((${#missing[@]})); then
     need_root
@@ -54,7 +56,13 @@ start_engine() {
   exit 1
 }
 
+host_is_debian() {
+  [[ -f /etc/os-release ]] && grep -qx 'ID=debian' /etc/os-release
+}
+
 debian_mirror() {
+  # Another distribution's mirror (Ubuntu) has no bookworm: use Debian's own.
+  host_is_debian || { echo "http://deb.debian.org/debian"; return; }
   local uri=""
   if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
     uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources)
@@ -75,7 +83,9 @@ build_image() {
   rootfs=$(mktemp -d /tmp/celery-bundle-rootfs.XXXXXX)
   mirror=$(debian_mirror)
   log "building $image with debootstrap from $mirror (about a minute)"
-  debootstrap --variant=minbase \
+  local keyring=()
+  host_is_debian || keyring=(--keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
+  debootstrap --variant=minbase "${keyring[@]}" \
     --include=systemd,systemd-sysv,python3,python3-apt,dbus,procps,iproute2,ca-certificates,sudo \
     bookworm "$rootfs" "$mirror" >/tmp/celery-bundle-debootstrap.log 2>&1 || {
       tail -20 /tmp/celery-bundle-debootstrap.log >&2; exit 1; }

@@ -79,9 +79,19 @@ celery_broker_password: "$password"
 EOF
 }
 
+# Each playbook run; with CELERY_SANDBOX_TIMINGS=FILE its seconds are appended to FILE
+# (JSON lines, read by bench/run.sh).
 play() {
   step "ansible-playbook -i $inventory $*"
-  ansible-playbook -i "$inventory" "$@"
+  local t0 rc=0
+  t0=$(date +%s.%N)
+  ansible-playbook -i "$inventory" "$@" || rc=$?
+  if [[ -n ${CELERY_SANDBOX_TIMINGS:-} ]]; then
+    python3 -c 'import json, sys, time; print(json.dumps({"playbook": sys.argv[1],
+      "seconds": round(time.time() - float(sys.argv[2]), 1), "rc": int(sys.argv[3])}))' \
+      "$*" "$t0" "$rc" >>"$CELERY_SANDBOX_TIMINGS"
+  fi
+  return "$rc"
 }
 
 up() {

@@ -4,7 +4,8 @@
 #   2. static checks: yamllint, ansible-lint (production profile), syntax checks, and the
 #      table of bad inputs that site.yml must refuse before changing anything;
 #   3. every Molecule scenario in molecule/, one at a time;
-#   4. the sandbox (scripts/sandbox.sh) with each broker, ending with the fire drill.
+#   4. the sandbox (scripts/sandbox.sh) with each broker, ending with the fire drill, and the
+#      CI-sized benchmark on it (bench/run.sh --quick): a missed recovery target fails.
 # Usage: scripts/test.sh [SCENARIO ...]   (a scenario name, or sandbox-redis, sandbox-rabbitmq)
 set -euo pipefail
 
@@ -13,7 +14,7 @@ cd "$repo"
 results=${CELERY_BUNDLE_RESULTS_DIR:-$repo/.results}
 export CELERY_BUNDLE_RESULTS_DIR=$results
 mkdir -p "$results"
-rm -f "$results"/junit-*.xml "$results"/drill-*.json
+rm -rf "$results"/junit-*.xml "$results"/drill-*.json "$results"/bench "$results"/bench.json
 
 step() { printf '\n=== %s [%s]\n' "$*" "$(date +%H:%M:%S)"; }
 start=$(date +%s)
@@ -44,22 +45,31 @@ else
   scenarios+=(sandbox-redis sandbox-rabbitmq)
 fi
 
-# The sandbox with one broker, as a newcomer runs it, then the fire drill (one JUnit case).
+# The sandbox with one broker, as a newcomer runs it, ending with the fire drill; then the
+# CI-sized benchmark on it (bench/run.sh --quick --reuse: re-run time, throughput).
+bench_dir=$results/bench
 sandbox() {
   local broker=$1 rc=0
   rm -f .drill/report.json
-  bash scripts/sandbox.sh up "$broker" 2>&1 | tee "$results/sandbox-$broker.log" || rc=$?
+  mkdir -p "$bench_dir/$broker"
+  CELERY_SANDBOX_TIMINGS=$bench_dir/$broker/timings.jsonl bash scripts/sandbox.sh up "$broker" 2>&1 |
+    tee "$results/sandbox-$broker.log" || rc=$?
   cp .drill/report.json "$results/drill-$broker.json" 2>/dev/null || true
+  cp .drill/report.json "$bench_dir/$broker/drill-1.json" 2>/dev/null || true
+  if ((rc == 0)); then
+    CELERY_BENCH_DIR=$bench_dir bash bench/run.sh --quick --reuse "$broker" 2>&1 |
+      tee -a "$results/sandbox-$broker.log" || rc=$?
+  fi
   python3 scripts/check_no_secrets.py "$results/sandbox-$broker.log" \
     inventories/sandbox/group_vars/all/generated.yml "$results/junit-secrets-sandbox-$broker.xml" \
     "the sandbox ($broker)"
   python3 - "$broker" "$rc" "$results/junit-sandbox-$broker.xml" <<'PY'
 import sys
 broker, rc, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-failure = f'<failure message="scripts/sandbox.sh up {broker} exited {rc}"/>' if rc else ""
+failure = f'<failure message="sandbox, drill or benchmark ({broker}) exited {rc}"/>' if rc else ""
 open(path, "w").write(
     f'<testsuite name="sandbox" tests="1" failures="{int(bool(rc))}"><testcase classname="sandbox" '
-    f'name="sandbox and fire drill ({broker}): deployed, no task lost">{failure}</testcase></testsuite>\n')
+    f'name="sandbox, fire drill and quick benchmark ({broker}): deployed, no task lost">{failure}</testcase></testsuite>\n')
 PY
   return "$rc"
 }
@@ -85,15 +95,14 @@ done
 if [[ " ${scenarios[*]} " == *" sandbox-"* ]]; then
   step "removing the sandbox"
   bash scripts/sandbox.sh down
+  step "benchmark (CI size): recovery targets gate the run"
+  python3 bench/report.py --size quick --junit "$results/junit-bench.xml" "$bench_dir" "$results/bench.json" || true
 fi
 
 step "summary"
 for scenario in "${scenarios[@]}"; do
   printf '  %-18s %4d s\n' "$scenario" "${took[$scenario]}"
   [[ -f $results/recovery-$scenario.json ]] && sed 's/^/    /' "$results/recovery-$scenario.json"
-  [[ -f $results/drill-${scenario#sandbox-}.json && $scenario == sandbox-* ]] &&
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("    tasks", r["tasks"]); [print("    %-20s %s s" % (f["fault"], f["seconds"])) for f in r["faults"]]' \
-      "$results/drill-${scenario#sandbox-}.json"
 done
 printf '  total %d s\n' $(($(date +%s) - start))
 # One plain closing line over every test case the scenarios ran (from their JUnit files).

@@ -55,6 +55,11 @@ CASES = {
     "redis bound nowhere": ({"redis_broker_bind": []}, "redis_broker_bind"),
     "redis eviction through extra config": (
         {"redis_broker_extra_config": {"maxmemory-policy": "allkeys-lru"}}, "maxmemory-policy"),
+    "tls without certificate files": ({"celery_broker_tls": True}, "celery_broker_tls_ca_file"),
+    "tls with a CA file that does not exist": (
+        {"celery_broker_tls": True, "celery_broker_tls_ca_file": "/nonexistent/ca.pem",
+         "celery_broker_tls_cert_file": "/nonexistent/b.pem", "celery_broker_tls_key_file": "/nonexistent/b.key"},
+        "celery_broker_tls_ca_file"),
     "rabbitmq TTL shorter than a task": (
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_message_ttl": 60}, "rabbitmq_broker_message_ttl"),
     "rabbitmq consumer timeout below hard limit": (

@@ -20,4 +20,11 @@ def scenario():
         # RabbitMQ requeues a SIGKILLed worker's deliveries when its connection closes: the
         # task runs again as soon as systemd has restarted the worker (RestartSec 2 s).
         "worker_crash_bound": 30,
+        # TLS (celery_broker_tls) on 5671, no plain-text listener; a plain AMQP client gets
+        # no connection.start frame (which begins 01 00 00).
+        "broker_port": 5671,
+        "tls_dir": "/etc/rabbitmq/tls",
+        "broker_group": "rabbitmq",
+        "plain_hello": b"AMQP\x00\x00\x09\x01",
+        "plain_answer": b"\x01\x00\x00",
     }

@@ -4,6 +4,7 @@ import shlex
 
 import pytest
 
+from broker_tls import *  # noqa: F401,F403
 from worker_config import *  # noqa: F401,F403
 
 VHOST = "celery"
@@ -20,7 +21,9 @@ def test_running_broker_reports_the_derived_consumer_timeout(stack):
 
 
 def test_rabbitmq_listens_only_on_the_given_addresses(stack):
-    listening = stack.broker.check_output("ss -Hltn 'sport = :5672'")
+    # TLS only in this scenario: nothing on the plain-text port.
+    assert stack.broker.check_output("ss -Hltn 'sport = :5672'").strip() == ""
+    listening = stack.broker.check_output("ss -Hltn 'sport = :5671'")
     addresses = {row.split()[3].rsplit(":", 1)[0] for row in listening.splitlines()}
     assert "127.0.0.1" in addresses
     assert "0.0.0.0" not in addresses and "*" not in addresses and "[::]" not in addresses
@@ -33,13 +36,16 @@ def test_guest_user_is_gone_and_cannot_log_in(stack):
     assert "guest" not in users.split()
     script = (
         "import amqp, sys\n"
-        "c = amqp.Connection('celery-rabbitmq-broker:5672', userid='guest', password='guest', "
-        "virtual_host='celery', connect_timeout=5)\n"
+        "c = amqp.Connection('celery-rabbitmq-broker:5671', userid='guest', password='guest', "
+        "virtual_host='celery', connect_timeout=5, "
+        "ssl={'ca_certs': '/etc/celery/broker-ca.pem', 'cert_reqs': 2, "
+        "'server_hostname': 'celery-rabbitmq-broker'})\n"
         "try:\n    c.connect()\nexcept Exception as e:\n    print('refused', type(e).__name__)\n"
         "else:\n    print('logged in')\n"
     )
     out = stack.worker.check_output(f"/opt/celery/venv/bin/python -c {shlex.quote(script)}")
-    assert out.startswith("refused"), out
+    # Refused by RabbitMQ's authentication, not by a connection or TLS error.
+    assert out.strip() == "refused AccessRefused", out
 
 
 def test_celery_user_reaches_only_its_vhost(stack):

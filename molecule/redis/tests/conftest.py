@@ -21,4 +21,10 @@ def scenario():
         # (RestartSec 2 s): the fast-recovery transport returns it at once. Without that
         # transport it would wait for the one-hour visibility timeout.
         "worker_crash_bound": 2 + 15 + 10,
+        # TLS (celery_broker_tls) on the Redis port; plain text gets no PONG/NOAUTH answer.
+        "broker_port": 6379,
+        "tls_dir": "/etc/redis/tls",
+        "broker_group": "redis",
+        "plain_hello": b"PING\r\n",
+        "plain_answer": b"-",
     }

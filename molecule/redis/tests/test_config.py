@@ -4,6 +4,7 @@ import shlex
 
 import pytest
 
+from broker_tls import *  # noqa: F401,F403
 from worker_config import *  # noqa: F401,F403
 
 REDIS_CONF = "/etc/redis/redis.conf"
@@ -14,7 +15,8 @@ def redis_cli(stack, *args, user=None, password=None):
     if user:
         auth = f"REDISCLI_AUTH={shlex.quote(password)} "
         args = ("--user", user, "--no-auth-warning") + args
-    return stack.broker.run(auth + "redis-cli " + " ".join(shlex.quote(a) for a in args))
+    tls = "--tls --cacert /etc/redis/tls/ca.crt "  # the scenario runs Redis with TLS only
+    return stack.broker.run(auth + "redis-cli " + tls + " ".join(shlex.quote(a) for a in args))
 
 
 @pytest.mark.parametrize("line", [

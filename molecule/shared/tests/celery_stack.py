@@ -67,8 +67,14 @@ class Stack:
 
     # --------------------------------------------------------------------- tasks ---
     def send(self, seconds, queue="celery", count=1, host=None):
-        """Publish COUNT demo tasks sleeping SECONDS to QUEUE; return their ids."""
-        out = self.run_as_worker(f"{VENV}/bin/python -m demo_app send {seconds} {queue} {count}", host)
+        """Publish COUNT demo tasks sleeping SECONDS to QUEUE; return their ids.
+
+        Published as the README tells producers on a worker host to: through celery_reliable,
+        so with the workers' settings (TLS verification, queue arguments, confirms).
+        """
+        script = "import sys, celery_reliable, demo_app; demo_app.main(sys.argv[1:])"
+        out = self.run_as_worker(
+            f"{VENV}/bin/python -c {shlex.quote(script)} send {seconds} {queue} {count}", host)
         ids = out.split()
         assert len(ids) == count, out
         return ids

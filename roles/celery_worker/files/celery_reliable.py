@@ -18,7 +18,7 @@ from kombu.transport import TRANSPORT_ALIASES
 # Redis: use the transport that returns a crashed predecessor's tasks at once
 # (celery_reliable_redis.py beside this file), unless the role turned it off.
 if os.environ.get("CELERY_WORKER_FAST_RECOVERY") == "1":
-    TRANSPORT_ALIASES["redis"] = "celery_reliable_redis:Transport"
+    TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "celery_reliable_redis:Transport"
 
 app = find_app(os.environ["CELERY_WORKER_USER_APP"])
 
