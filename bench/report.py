@@ -89,8 +89,10 @@ def targets(broker, s):
         limit = float(st.get("restart_sec") or 0) + 5
         out.append(("worker crash recovery <= RestartSec + 5 s", crash, limit, True))
     restart = s["recovery"].get("worker restart", {}).get("max")
-    out.append(("restart waits for no timeout (<= canary run + 5 s)", restart,
-                float(st.get("task_seconds") or 3) + 5, True))
+    # A stop that waited for a timeout would add at least the soft-shutdown timeout (10 s)
+    # to the canary's run; a clean drain and restart measured 4.6-7.8 s with 3 s canaries.
+    out.append(("restart waits for no timeout (< canary run + 9 s)", restart,
+                float(st.get("task_seconds") or 3) + 9, True))
     never = sum(r["never"] for r in s["recovery"].values())
     out.append(("every fault recovered, no task lost", s["drill_tasks"]["lost"] + never, 0, True))
     if s["throughput"]:
