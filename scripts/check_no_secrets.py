@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Fail if a scenario's broker password appears in its Molecule output (the no_log check).
+"""Fail if a scenario's secrets appear in its Molecule output (the no_log check).
 
 Usage: check_no_secrets.py LOG VARS_YML JUNIT_XML [LABEL]
-Looks for the password of every celery_broker_password in VARS_YML (a molecule.yml, or the
+Looks for every celery_broker_password and rabbitmq_broker_erlang_cookie in VARS_YML (a molecule.yml, or the
 sandbox's generated variables), as written and URL-encoded, in LOG (the whole output of a
 scenario or of the sandbox), and writes the result as one JUnit test case.
 """
@@ -15,10 +15,13 @@ from xml.sax.saxutils import escape
 import yaml
 
 
+SECRET_KEYS = ("celery_broker_password", "rabbitmq_broker_erlang_cookie")
+
+
 def passwords(node):
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "celery_broker_password" and isinstance(value, str):
+            if key in SECRET_KEYS and isinstance(value, str):
                 yield value
             else:
                 yield from passwords(value)

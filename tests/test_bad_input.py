@@ -67,7 +67,21 @@ CASES = {
 }
 
 
-def run_site(overrides, tmp_path, *options, playbook="site.yml"):
+# Cases on a cluster inventory (tests/bad_input/hosts-cluster.yml: three brokers, two
+# workers, worker1 in celery_beat), on top of a valid RabbitMQ cluster baseline.
+CLUSTER_BASELINE = {"celery_broker_type": "rabbitmq", "rabbitmq_broker_erlang_cookie": "A" * 32}
+CLUSTER_CASES = {
+    "redis on several broker hosts": ({"celery_broker_type": "redis"}, "Redis runs on one host"),
+    "cluster without an erlang cookie": (
+        {"rabbitmq_broker_erlang_cookie": None}, "rabbitmq_broker_erlang_cookie"),
+    "erlang cookie too short": ({"rabbitmq_broker_erlang_cookie": "short"}, "rabbitmq_broker_erlang_cookie"),
+    "classic queues in a cluster": ({"celery_broker_queue_type": "classic"}, "celery_broker_queue_type"),
+    "two nodes with one name": ({"rabbitmq_broker_node_name": "rabbit@same"}, "node name"),
+    "beat on every worker host": ({"celery_worker_beat": True}, "celery_worker_beat"),
+}
+
+
+def run_site(overrides, tmp_path, *options, playbook="site.yml", inventory="hosts.yml", baseline_extra=None):
     extra = tmp_path / "extra.json"
     env = dict(os.environ,
                ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
@@ -75,13 +89,13 @@ def run_site(overrides, tmp_path, *options, playbook="site.yml"):
                ANSIBLE_LOCALHOST_WARNING="false",
                ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
     # None means "not defined": drop it from the baseline instead of passing null.
-    baseline = {k: v for k, v in yaml.safe_load((HERE / "good.yml").read_text()).items()
-                if k not in overrides or overrides[k] is not None}
+    good = {**yaml.safe_load((HERE / "good.yml").read_text()), **(baseline_extra or {})}
+    baseline = {k: v for k, v in good.items() if k not in overrides or overrides[k] is not None}
     base_file = tmp_path / "baseline.json"
     base_file.write_text(json.dumps(baseline))
     extra.write_text(json.dumps({k: v for k, v in overrides.items() if v is not None}))
     proc = subprocess.run(
-        ["ansible-playbook", "--check", *options, "-i", str(HERE / "hosts.yml"),
+        ["ansible-playbook", "--check", *options, "-i", str(HERE / inventory),
          "-e", f"@{base_file}", "-e", f"@{extra}", str(ROOT / playbook)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip(), proc.stderr[-3000:]
@@ -116,6 +130,25 @@ def test_bad_input_is_refused_before_any_change(case, tmp_path):
     assert plays == [PREFLIGHT_PLAY], f"later plays ran: {plays}"
     messages = failure_messages(report)
     assert messages, "no task failed"
+    assert any(expected in message for message in messages), messages
+    assert all(stats.get("changed", 0) == 0 for stats in report["stats"].values()), report["stats"]
+
+
+def test_the_cluster_baseline_passes_the_preflight(tmp_path):
+    proc, report = run_site({}, tmp_path, "--tags", "preflight-only", inventory="hosts-cluster.yml",
+                            baseline_extra=CLUSTER_BASELINE)
+    preflight = [p for p in report["plays"] if p["play"]["name"] == PREFLIGHT_PLAY][0]
+    assert not failure_messages({"plays": [preflight]}), proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("case", sorted(CLUSTER_CASES))
+def test_bad_cluster_input_is_refused_before_any_change(case, tmp_path):
+    overrides, expected = CLUSTER_CASES[case]
+    proc, report = run_site(overrides, tmp_path, inventory="hosts-cluster.yml", baseline_extra=CLUSTER_BASELINE)
+    assert proc.returncode != 0, "the run did not fail"
+    plays = [play["play"]["name"] for play in report["plays"]]
+    assert plays == [PREFLIGHT_PLAY], f"later plays ran: {plays}"
+    messages = failure_messages(report)
     assert any(expected in message for message in messages), messages
     assert all(stats.get("changed", 0) == 0 for stats in report["stats"].values()), report["stats"]
 

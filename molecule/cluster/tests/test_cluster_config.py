@@ -1,0 +1,68 @@
+"""The cluster as deployed: every node joined, quorum task queues replicated on all three,
+the dead-letter policy on them, workers that know every node, exactly one beat."""
+
+import json
+from urllib.parse import urlsplit
+
+import pytest
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_every_node_runs_in_one_cluster(cluster, index):
+    status = cluster.cluster_status(cluster.nodes[index])
+    expected = sorted(f"rabbit@{name}" for name in cluster.node_names)
+    assert sorted(status["disk_nodes"]) == expected
+    assert sorted(status["running_nodes"]) == expected
+
+
+def test_nodes_share_a_private_cookie(cluster):
+    for node in cluster.nodes:
+        cookie = node.file("/var/lib/rabbitmq/.erlang.cookie")
+        assert cookie.user == "rabbitmq"
+        assert cookie.mode == 0o400
+    sums = {node.check_output("sha256sum /var/lib/rabbitmq/.erlang.cookie").split()[0] for node in cluster.nodes}
+    assert len(sums) == 1, "the nodes do not share one cookie"
+
+
+@pytest.mark.parametrize("queue", ["celery", "extra", "celery.dlq"])
+def test_task_queues_are_quorum_queues_on_every_node(cluster, queue):
+    out = cluster.nodes[0].check_output(
+        "rabbitmqctl list_queues --vhost celery --quiet --formatter json name type")
+    types = {q["name"]: q["type"] for q in json.loads(out)}
+    assert types.get(queue) == "quorum", types
+    members = cluster.nodes[0].check_output(f"rabbitmq-queues quorum_status --vhost celery {queue}")
+    for name in cluster.node_names:
+        assert f"rabbit@{name}" in members, f"{queue} has no replica on {name}"
+
+
+def test_policy_dead_letters_and_limits_deliveries(cluster):
+    out = cluster.nodes[0].check_output("rabbitmqctl list_policies --vhost celery --quiet --formatter json")
+    (policy,) = [p for p in json.loads(out) if p["name"] == "celery-tasks"]
+    definition = policy["definition"]
+    if isinstance(definition, str):
+        definition = json.loads(definition)
+    assert definition["dead-letter-exchange"] == "celery.dlx"
+    assert definition["delivery-limit"] == 20
+    assert definition["dead-letter-strategy"] == "at-least-once"
+    assert "message-ttl" in definition
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_workers_know_every_node(cluster, index):
+    urls = cluster.broker_url(cluster.workers[index]).split(";")
+    hosts = [urlsplit(url).hostname for url in urls]
+    assert hosts == cluster.node_names
+    settings = cluster.settings(cluster.workers[index])
+    assert settings["task_default_queue_type"] == "quorum"
+    assert settings["broker_transport_options"]["confirm_publish"] is True
+
+
+def test_exactly_one_beat(cluster, scenario):
+    beat_host = cluster.workers[cluster.worker_names.index(scenario["beat_host"])]
+    assert beat_host.service("celery-beat.service").is_running
+    assert beat_host.service("celery-beat.service").is_enabled
+    assert beat_host.check_output("systemctl show -P StateDirectory celery-beat.service") == "celery-beat"
+    for name, host in zip(cluster.worker_names, cluster.workers):
+        if name != scenario["beat_host"]:
+            assert not host.file("/etc/systemd/system/celery-beat.service").exists
+            assert not host.service("celery-beat.service").is_running
