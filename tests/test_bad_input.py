@@ -114,43 +114,43 @@ def failure_messages(report):
     return messages
 
 
-def test_the_baseline_passes_the_preflight(tmp_path):
-    # Only the preflight play (tagged always) runs: a tag nothing else carries.
-    proc, report = run_site({}, tmp_path, "--tags", "preflight-only")
-    preflight = [p for p in report["plays"] if p["play"]["name"] == PREFLIGHT_PLAY][0]
-    assert not failure_messages({"plays": [preflight]}), proc.stdout[-2000:]
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_refused_before_any_change(case, tmp_path):
-    overrides, expected = CASES[case]
-    proc, report = run_site(overrides, tmp_path)
+def assert_refused_in_first_play(proc, report, first_play, expected):
+    """The run failed in FIRST_PLAY alone, with a message containing EXPECTED, changing nothing."""
     assert proc.returncode != 0, "the run did not fail"
     plays = [play["play"]["name"] for play in report["plays"]]
-    assert plays == [PREFLIGHT_PLAY], f"later plays ran: {plays}"
+    assert plays == [first_play], f"later plays ran: {plays}"
     messages = failure_messages(report)
     assert messages, "no task failed"
     assert any(expected in message for message in messages), messages
     assert all(stats.get("changed", 0) == 0 for stats in report["stats"].values()), report["stats"]
 
 
-def test_the_cluster_baseline_passes_the_preflight(tmp_path):
-    proc, report = run_site({}, tmp_path, "--tags", "preflight-only", inventory="hosts-cluster.yml",
-                            baseline_extra=CLUSTER_BASELINE)
+def assert_preflight_passes(proc, report):
     preflight = [p for p in report["plays"] if p["play"]["name"] == PREFLIGHT_PLAY][0]
     assert not failure_messages({"plays": [preflight]}), proc.stdout[-2000:]
+
+
+def test_the_baseline_passes_the_preflight(tmp_path):
+    # Only the preflight play (tagged always) runs: a tag nothing else carries.
+    assert_preflight_passes(*run_site({}, tmp_path, "--tags", "preflight-only"))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_refused_before_any_change(case, tmp_path):
+    overrides, expected = CASES[case]
+    assert_refused_in_first_play(*run_site(overrides, tmp_path), PREFLIGHT_PLAY, expected)
+
+
+def test_the_cluster_baseline_passes_the_preflight(tmp_path):
+    assert_preflight_passes(*run_site({}, tmp_path, "--tags", "preflight-only", inventory="hosts-cluster.yml",
+                                      baseline_extra=CLUSTER_BASELINE))
 
 
 @pytest.mark.parametrize("case", sorted(CLUSTER_CASES))
 def test_bad_cluster_input_is_refused_before_any_change(case, tmp_path):
     overrides, expected = CLUSTER_CASES[case]
-    proc, report = run_site(overrides, tmp_path, inventory="hosts-cluster.yml", baseline_extra=CLUSTER_BASELINE)
-    assert proc.returncode != 0, "the run did not fail"
-    plays = [play["play"]["name"] for play in report["plays"]]
-    assert plays == [PREFLIGHT_PLAY], f"later plays ran: {plays}"
-    messages = failure_messages(report)
-    assert any(expected in message for message in messages), messages
-    assert all(stats.get("changed", 0) == 0 for stats in report["stats"].values()), report["stats"]
+    outcome = run_site(overrides, tmp_path, inventory="hosts-cluster.yml", baseline_extra=CLUSTER_BASELINE)
+    assert_refused_in_first_play(*outcome, PREFLIGHT_PLAY, expected)
 
 
 DRILL_PREFLIGHT_PLAY = "Drill | Check the inventory and the permission to inject faults"
@@ -165,10 +165,5 @@ DRILL_CASES = {
 def test_the_drill_refuses_before_touching_a_host(case, tmp_path):
     """playbooks/drill.yml stops in its first play: no canary, no fault."""
     overrides, expected = DRILL_CASES[case]
-    proc, report = run_site(overrides, tmp_path, playbook="playbooks/drill.yml")
-    assert proc.returncode != 0, "the drill did not fail"
-    plays = [play["play"]["name"] for play in report["plays"]]
-    assert plays == [DRILL_PREFLIGHT_PLAY], f"later plays ran: {plays}"
-    messages = failure_messages(report)
-    assert any(expected in message for message in messages), messages
-    assert all(stats.get("changed", 0) == 0 for stats in report["stats"].values()), report["stats"]
+    outcome = run_site(overrides, tmp_path, playbook="playbooks/drill.yml")
+    assert_refused_in_first_play(*outcome, DRILL_PREFLIGHT_PLAY, expected)
