@@ -45,6 +45,8 @@ def _load_env_file(path):
             line = line.strip()
             if line and not line.startswith(("#", ";")) and "=" in line:
                 key, value = line.split("=", 1)
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
                 os.environ[key.strip()] = value
 
 

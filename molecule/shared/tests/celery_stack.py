@@ -51,7 +51,7 @@ class Stack:
         host = host or self.worker
         for line in host.file(f"{CONFIG_DIR}/worker.env").content_string.splitlines():
             if line.startswith("CELERY_BROKER_URL="):
-                return line.split("=", 1)[1]
+                return line.split("=", 1)[1].strip("'")
         raise AssertionError("no CELERY_BROKER_URL in worker.env")
 
     def broker_password(self):

@@ -63,7 +63,7 @@ def test_reliable_settings_override_the_application(stack):
 def test_secrets_stay_out_of_world_readable_files(stack):
     env = stack.worker.file("/etc/celery/worker.env")
     assert (env.user, env.group, env.mode) == ("root", "root", 0o600)
-    assert any(f"CELERY_BROKER_URL={scheme}://" in env.content_string
+    assert any(f"CELERY_BROKER_URL='{scheme}://" in env.content_string
                for scheme in ("redis", "rediss", "amqp", "amqps"))
     password = stack.broker_password()
     for path in ("/etc/systemd/system/celery-worker@.service", "/etc/celery/settings.json",
