@@ -9,8 +9,10 @@
 #   3. the fire drill again, RUNS times in all (median and max per fault);
 #   4. the throughput benchmark (playbooks/bench-throughput.yml): TASKS no-op tasks drained
 #      with the bundle's settings and with Celery's defaults, ROUNDS times each, alternating.
-# Then bench/report.py prints the table with pass/fail per target and writes
-# bench/results/latest.json. Exit status 1 if a recovery target is missed.
+# Then bench/report.py prints the table with PASS, FAIL or MISS per target and writes it as
+# JSON: the full run to bench/results/latest.json (committed: the figures docs/benchmark.md
+# quotes), a --quick run to .results/bench-quick.json (not committed). Exit status 1 if a
+# recovery target is missed (FAIL).
 #
 # Usage: bench/run.sh [--quick] [--reuse] [redis] [rabbitmq]   (default: both, full size)
 #   full:    3 drills, 5000 tasks x 3 rounds   (about 25 min on 2 cores)
@@ -19,15 +21,17 @@
 #            scripts/sandbox.sh up BROKER` just built, with its drill copied to
 #            DIR/BROKER/drill-1.json (DIR: $CELERY_BENCH_DIR), and only add the re-run,
 #            the further drills and the throughput; no report (scripts/test.sh does this).
+# Without --reuse it removes the sandbox of scripts/sandbox.sh at the start and at the end.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 runs=3 tasks=5000 rounds=3 size=full reuse=false
+report=bench/results/latest.json
 brokers=()
 for arg in "$@"; do
   case $arg in
-    --quick) runs=1 tasks=1000 rounds=1 size=quick ;;
+    --quick) runs=1 tasks=1000 rounds=1 size=quick report=.results/bench-quick.json ;;
     --reuse) reuse=true ;;
     redis | rabbitmq) brokers+=("$arg") ;;
     *) echo "usage: $0 [--quick] [--reuse] [redis] [rabbitmq]" >&2; exit 2 ;;
@@ -37,7 +41,7 @@ done
 
 out=${CELERY_BENCH_DIR:-$repo/.results/bench}
 $reuse || rm -rf "$out"
-mkdir -p "$out" bench/results
+mkdir -p "$out" "$(dirname "$report")"
 export ANSIBLE_CONFIG=$repo/ansible.cfg
 started=$(date +%s)
 step() { printf '\n=== bench: %s [%s, +%ds]\n' "$*" "$(date +%H:%M:%S)" $(($(date +%s) - started)); }
@@ -80,4 +84,4 @@ done
 $reuse && exit 0
 step "report"
 bash scripts/sandbox.sh down
-python3 bench/report.py --size "$size" "$out" bench/results/latest.json
+python3 bench/report.py --size "$size" "$out" "$report"

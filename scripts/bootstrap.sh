@@ -5,14 +5,24 @@
 #   - the local systemd base image the Molecule scenarios boot (built with debootstrap,
 #     since no registry is reachable on our CI machines)
 # Idempotent: a running engine, an existing venv and an existing image are reused.
+#
+# Usage: scripts/bootstrap.sh [--host-packages-only]
+#   --host-packages-only: only install the Debian packages a stock system lacks (CI proves
+#   this part on fresh Debian 12 and 13 containers: stock python3, no venv module).
 # Environment:
-#   CELERY_BUNDLE_IMAGE  image name (default: celery-bundle/debian12-systemd:latest)
-#   CELERY_BUNDLE_VENV   venv path  (default: <repo>/.venv)
+#   CELERY_BUNDLE_IMAGE   image name (default: celery-bundle/debian12-systemd:latest)
+#   CELERY_BUNDLE_RELEASE Debian release of the image (default: bookworm; trixie for Debian 13)
+#   CELERY_BUNDLE_VENV    venv path  (default: <repo>/.venv)
+#   CELERY_BUNDLE_PYTHON  interpreter of the venv (default: Debian's /usr/bin/python3)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+release=${CELERY_BUNDLE_RELEASE:-bookworm}
 image=${CELERY_BUNDLE_IMAGE:-celery-bundle/debian12-systemd:latest}
 venv=${CELERY_BUNDLE_VENV:-$repo/.venv}
+# Debian's own interpreter, not whatever comes first on PATH (pyenv, a CI runner's Python):
+# its venv module is the python3-venv package installed below.
+python=${CELERY_BUNDLE_PYTHON:-/usr/bin/python3}
 log() { printf '[bootstrap %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 need_root() {
@@ -22,8 +32,14 @@ need_root() {
   fi
 }
 
+# The Debian packages the commands of the README need and a stock system may lack.
 install_packages() {
   local missing=()
+  [[ -x $python ]] || missing+=(python3)
+  # Stock Debian has python3 without its venv module ("ensurepip is not available").
+  [[ -x $python ]] && "$python" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+  command -v git >/dev/null 2>&1 || missing+=(git)
+  [[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
   command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
   command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
   # Ubuntu: debootstrap needs Debian's archive keys to verify bookworm.
@@ -31,10 +47,16 @@ install_packages() {
   [[ -x /usr/bin/docker ]] || missing+=(docker.io)
   if ((${#missing[@]})); then
     need_root
-    log "installing ${missing[*]} from Debian"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # Debian 13 ships the client apart from the engine (docker-cli); Debian 12 in docker.io.
+    if [[ ! -x /usr/bin/docker ]] && apt-cache show docker-cli >/dev/null 2>&1; then
+      missing+=(docker-cli)
+    fi
+    log "installing ${missing[*]} from Debian"
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    log "host packages already installed"
   fi
 }
 
@@ -82,12 +104,12 @@ build_image() {
   local rootfs mirror
   rootfs=$(mktemp -d /tmp/celery-bundle-rootfs.XXXXXX)
   mirror=$(debian_mirror)
-  log "building $image with debootstrap from $mirror (about a minute)"
+  log "building $image ($release) with debootstrap from $mirror (about a minute)"
   local keyring=()
   host_is_debian || keyring=(--keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
   debootstrap --variant=minbase "${keyring[@]}" \
     --include=systemd,systemd-sysv,python3,python3-apt,dbus,procps,iproute2,ca-certificates,sudo \
-    bookworm "$rootfs" "$mirror" >/tmp/celery-bundle-debootstrap.log 2>&1 || {
+    "$release" "$rootfs" "$mirror" >/tmp/celery-bundle-debootstrap.log 2>&1 || {
       tail -20 /tmp/celery-bundle-debootstrap.log >&2; exit 1; }
   # Containers have no console getty to wait for, and no udev.
   rm -f "$rootfs"/etc/systemd/system/getty.target.wants/* 2>/dev/null || true
@@ -99,19 +121,24 @@ build_image() {
 python_tools() {
   local stamp="$venv/.requirements.sha"
   local want
-  want=$(sha256sum "$repo/requirements-dev.txt" | cut -d' ' -f1)
+  want=$( (cat "$repo/requirements-dev.txt"; readlink -f "$python") | sha256sum | cut -d' ' -f1)
   if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     log "python tools already installed in $venv"
     return
   fi
-  log "installing python tools into $venv"
-  python3 -m venv "$venv"
+  log "installing python tools into $venv ($("$python" --version))"
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q -r "$repo/requirements-dev.txt"
   echo "$want" >"$stamp"
 }
 
 install_packages
+if [[ ${1:-} == --host-packages-only ]]; then
+  "$python" -m venv "$(mktemp -d)/venv-check" && log "host packages ready: $("$python" --version) with venv"
+  exit 0
+fi
 start_engine
 build_image
 python_tools

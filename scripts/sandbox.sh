@@ -44,7 +44,7 @@ create_containers() {
       docker start "$name" >/dev/null
       continue
     fi
-    # systemd as PID 1 without --privileged (see the README's notes on containers);
+    # systemd as PID 1 without --privileged (see docs/tests.md, "The containers");
     # --restart=always brings a container back when the drill reboots it.
     docker run -d --name "$name" --hostname "$name" --network "$network" \
       --label "celery-sandbox.broker=$broker" --restart=always \

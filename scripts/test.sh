@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The bundle's whole test suite, as CI runs it (.ci/run calls this script):
 #   1. scripts/bootstrap.sh: Python tools, Docker engine, local systemd base image;
-#   2. static checks: yamllint, ansible-lint (production profile), syntax checks, and the
+#   2. host packages: the bootstrap's apt part on fresh Debian 12 and 13 containers;
+#      static checks: yamllint, ansible-lint (production profile), syntax checks, and the
 #      table of bad inputs that site.yml must refuse before changing anything;
 #   3. every Molecule scenario in molecule/, one at a time;
 #   4. the sandbox (scripts/sandbox.sh) with each broker, ending with the fire drill, and the
@@ -23,6 +24,11 @@ step "bootstrap"
 bash scripts/bootstrap.sh
 export PATH=/usr/bin:$repo/.venv/bin:$PATH
 export ANSIBLE_CONFIG=$repo/ansible.cfg
+
+step "host packages: bootstrap --host-packages-only on fresh Debian 12 and 13 containers"
+CELERY_BUNDLE_RELEASE=trixie CELERY_BUNDLE_IMAGE=celery-bundle/debian13-systemd:latest bash scripts/bootstrap.sh
+bash scripts/check_host_packages.sh "$results/junit-host-packages.xml" \
+  bookworm=celery-bundle/debian12-systemd:latest trixie=celery-bundle/debian13-systemd:latest
 
 step "yamllint"
 yamllint --strict .

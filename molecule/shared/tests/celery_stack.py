@@ -79,6 +79,30 @@ class Stack:
         assert len(ids) == count, out
         return ids
 
+    def send_fill(self, queue, pad_bytes, max_count, host=None):
+        """Publish padded tasks until the broker refuses one; return (accepted ids, refusal)."""
+        host = host or self.worker
+        script = "import sys, celery_reliable, demo_app; demo_app.main(sys.argv[1:])"
+        result = host.run(
+            f"set -a; . {CONFIG_DIR}/worker.env; set +a; "
+            f"export PYTHONPATH=/usr/local/lib/celery-worker:{APP_DIR}; cd {APP_DIR} && "
+            f"{VENV}/bin/python -c {shlex.quote(script)} send-fill {queue} {pad_bytes} {max_count}")
+        assert result.rc == 0, result.stderr[-2000:]
+        refusals = [line for line in result.stderr.splitlines() if line.startswith("refused: ")]
+        return result.stdout.split(), (refusals[0] if refusals else None)
+
+    def redis_counts(self, *commands, host=None):
+        """Answers of read-only Redis commands (e.g. "llen celery", "hlen unacked") as the workers' user."""
+        script = (
+            "import os, sys, redis; url = os.environ['CELERY_BROKER_URL'].split(';')[0]; "
+            "tls = dict(ssl_ca_certs='/etc/celery/broker-ca.pem') if url.startswith('rediss') else {}; "
+            "r = redis.Redis.from_url(url, **tls); "
+            "print(' '.join(str(r.execute_command(*c.split())) for c in sys.argv[1:]))"
+        )
+        args = " ".join(shlex.quote(c) for c in commands)
+        out = self.run_as_worker(f"{VENV}/bin/python -c {shlex.quote(script)} {args}", host)
+        return [int(v) for v in out.split()]
+
     def events(self):
         """Every event recorded on every worker host, in time order."""
         found = []

@@ -15,10 +15,10 @@ import os
 from celery.app.utils import find_app
 from kombu.transport import TRANSPORT_ALIASES
 
-# Redis: use the transport that returns a crashed predecessor's tasks at once
-# (celery_reliable_redis.py beside this file), unless the role turned it off.
-if os.environ.get("CELERY_WORKER_FAST_RECOVERY") == "1":
-    TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "celery_reliable_redis:Transport"
+# Redis: use the transport that pops and records each message in one atomic step, and
+# returns a crashed predecessor's tasks at once unless CELERY_WORKER_FAST_RECOVERY is "0"
+# (celery_reliable_redis.py beside this file).
+TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "celery_reliable_redis:Transport"
 
 app = find_app(os.environ["CELERY_WORKER_USER_APP"])
 
