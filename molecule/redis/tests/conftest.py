@@ -15,7 +15,9 @@ def scenario():
     return {
         "name": "redis",
         "broker": "celery-redis-broker",
-        "workers": ["celery-redis-worker1"],
+        "workers": ["celery-redis-worker1", "celery-redis-worker2"],
+        "network": "celery-redis",
+        "lost_timeout": 30,
         "broker_unit": "redis-server.service",
         # A task held by a SIGKILLed worker comes back when systemd has restarted the worker
         # (RestartSec 2 s): the fast-recovery transport returns it at once. Without that

@@ -79,6 +79,26 @@ class Stack:
         assert len(ids) == count, out
         return ids
 
+    def send_beat(self, seconds, queue, host=None):
+        """Publish one demo task that records an "alive" event every 0.5 s; return its id."""
+        script = "import sys, celery_reliable, demo_app; demo_app.main(sys.argv[1:])"
+        return self.run_as_worker(
+            f"{VENV}/bin/python -c {shlex.quote(script)} send-beat {seconds} {queue}", host).strip()
+
+    def runs_of(self, task_id):
+        """Each run of TASK_ID: node, pid, start, last sign of life (alive or done), done or not."""
+        runs = {}
+        for e in self.events():
+            if e["id"] != task_id:
+                continue
+            key = (e["node"], e["pid"])
+            if e["event"] == "start":
+                runs[key] = {"node": e["node"], "start": e["t"], "last": e["t"], "done": False}
+            elif key in runs:
+                runs[key]["last"] = e["t"]
+                runs[key]["done"] = runs[key]["done"] or e["event"] == "done"
+        return sorted(runs.values(), key=lambda r: r["start"])
+
     def send_fill(self, queue, pad_bytes, max_count, host=None):
         """Publish padded tasks until the broker refuses one; return (accepted ids, refusal)."""
         host = host or self.worker

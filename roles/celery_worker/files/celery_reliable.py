@@ -12,8 +12,15 @@ whatever the application module sets, without editing it. The broker URL comes f
 import json
 import os
 
+from celery import signals
 from celery.app.utils import find_app
 from kombu.transport import TRANSPORT_ALIASES
+
+import celery_reliable_fence
+
+# Pool processes stop their task once the broker may have handed it to another worker
+# (celery_reliable_fence.py; imported here, before the pool forks).
+celery_reliable_fence.connect(signals)
 
 # Redis: use the transport that pops and records each message in one atomic step, and
 # returns a crashed predecessor's tasks at once unless CELERY_WORKER_FAST_RECOVERY is "0"

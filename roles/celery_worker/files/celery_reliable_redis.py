@@ -20,15 +20,25 @@
 
 2. Fast recovery. Every unacknowledged message also records which worker process
    (incarnation) received it, in an ``unacked_owner`` hash entry written by the same
-   script and removed with kombu's ack. Each incarnation registers itself under its node
-   name (``CELERY_WORKER_NODENAME``, e.g. ``default@host``) and keeps a lease alive. An
-   incarnation is one consuming connection of one worker process: a worker that
-   reconnects after losing the broker starts a new incarnation, and the messages its
-   dropped connection held are returned by the new one. When an incarnation of a node
-   starts, it returns the messages of earlier incarnations of the same node that are dead
-   (lease expired, or it names a process of this machine that no longer exists, or an
-   earlier connection of this very process). Messages of live workers are never touched;
-   when in doubt the visibility timeout stays the safety net.
+   script and removed with the ack. Each incarnation registers itself in the
+   ``unacked_incarnations`` set and renews a lease (``unacked_lease:TOKEN``) every 2 s;
+   ``reliable_lease_seconds`` after its last renewal the lease expires. An incarnation is
+   one consuming connection of one worker process: a worker that reconnects after losing
+   the broker starts a new incarnation, and the messages its dropped connection held are
+   returned by the new one.
+
+   Every live worker returns the messages of dead incarnations to their queues: those
+   whose lease expired (a host that never came back: another host runs its tasks within
+   the lease and a tick), and at once those of this machine whose process no longer
+   exists (a restarted worker returns what its crashed run held) or that were an earlier
+   connection of this very process. Each return is one script that re-checks the owner.
+
+3. Fencing (celery_reliable_fence.py). A lease is renewed only while it still exists (SET
+   XX): once expired it never comes back, and its worker knows it is dead. A worker that
+   could not renew its lease for ``reliable_fence_seconds`` (a partition, a frozen main
+   process) kills its running tasks and restarts before the lease can expire, so that no
+   task runs here while another host runs it again. Both numbers are derived in the celery
+   role (celery_broker_redis_lease_seconds, celery_worker_redis_fence_seconds).
 
 Every server error of the periodic work (OOM, a broker restarting) is logged and retried.
 Not used with kombu's ``global_keyprefix`` (stock kombu behaviour then). Needs Redis 7.0+
@@ -36,12 +46,14 @@ Not used with kombu's ``global_keyprefix`` (stock kombu behaviour then). Needs R
 ``KOMBU_TESTED``; ``check_kombu()`` lists what changed (the role's tests call it).
 """
 
+import collections
 import hashlib
 import inspect
 import json
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 
@@ -52,14 +64,16 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+import celery_reliable_fence
+
 logger = logging.getLogger("celery.reliable.redis")
 
 NODE_ENV = "CELERY_WORKER_NODENAME"
 FAST_RECOVERY_ENV = "CELERY_WORKER_FAST_RECOVERY"
 OWNER_KEY = "unacked_owner"
-INCARNATIONS_KEY = "unacked_incarnations:{node}"
+INCARNATIONS_KEY = "unacked_incarnations"
+LEGACY_INCARNATIONS_KEY = "unacked_incarnations:{node}"  # per node, before the shared set
 LEASE_KEY = "unacked_lease:{token}"
-LEASE_TTL = 30
 TICK_SECONDS = 2
 UNROUTABLE_KEY = "celery_reliable.unroutable"  # requeued messages whose queue no longer exists
 IDLE_KEY = "_celery_reliable.idle"  # never written: a server-side sleep when Redis is full
@@ -141,10 +155,17 @@ redis.call('SADD', KEYS[1], ARGV[1])
 return redis.call('SADD', KEYS[2], ARGV[1])
 """
 
-# KEYS: lease key, incarnations set. ARGV: lease value, TTL. Allowed on a full Redis, so
-# that a full broker never makes a live worker look dead.
+# KEYS: lease key, incarnations set. ARGV: lease value, TTL, token, 'renew' or 'register'.
+# A renewal succeeds only while the lease exists: an expired lease never comes back.
+# Allowed on a full Redis, so that a full broker never makes a live worker look dead.
 LEASE_SCRIPT = """#!lua flags=allow-oom
-redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+if ARGV[4] == 'renew' then
+  if not redis.call('SET', KEYS[1], ARGV[1], 'XX', 'EX', tonumber(ARGV[2])) then
+    return 0
+  end
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+end
 redis.call('SADD', KEYS[2], ARGV[3])
 return 1
 """
@@ -166,12 +187,17 @@ def _run_script(client, name, keys, args):
         return client.eval(_SRC[name], len(keys), *keys, *args)
 
 
-def _machine_id():
+def _read(path):
     try:
-        with open("/etc/machine-id", encoding="ascii") as fh:
+        with open(path, encoding="ascii") as fh:
             return fh.read().strip()
     except OSError:
         return ""
+
+
+def _machine_id():
+    """This boot of this machine: machine id, boot id and host name (a clone differs in one)."""
+    return "/".join((_read("/etc/machine-id"), _read("/proc/sys/kernel/random/boot_id"), socket.gethostname()))
 
 
 def _process_start(pid):
@@ -192,7 +218,7 @@ def _lease_value(token):
 def _lease_is_dead(raw):
     """Whether a lease proves its incarnation dead (False when in doubt)."""
     if raw is None:
-        return True  # expired: no refresh for LEASE_TTL seconds
+        return True  # expired: not renewed for reliable_lease_seconds, and never will be
     try:
         lease = json.loads(bytes_to_str(raw))
     except ValueError:
@@ -276,7 +302,10 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     reliable_idle_wait = 0.25
-    from_transport_options = kombu_redis.Channel.from_transport_options + ("reliable_idle_wait",)
+    reliable_lease_seconds = 45
+    reliable_fence_seconds = 35
+    from_transport_options = kombu_redis.Channel.from_transport_options + (
+        "reliable_idle_wait", "reliable_lease_seconds", "reliable_fence_seconds")
     _reliable_waiting = False  # the pending command is the idle wait, not a pop
     _reliable_full = False     # Redis refused the idle wait with OOM: sleep on IDLE_KEY
     _reliable_command = None
@@ -498,21 +527,31 @@ class Channel(kombu_redis.Channel):
 
 
 class FastRecovery:
-    """Lease and predecessor recovery of one worker process, driven by the event loop."""
+    """Lease, fence and recovery of dead incarnations for one worker process (event loop timer)."""
 
     def __init__(self, channel, node, token):
         self.channel = channel
         self.node = node
         self.token = token
-        self.incarnations_key = INCARNATIONS_KEY.format(node=node)
+        self.registered = False
         self.failures = 0
 
     def tick(self):
+        started = time.monotonic()
         try:
             with self.channel.conn_or_acquire() as client:
-                _run_script(client, "lease", [LEASE_KEY.format(token=self.token), self.incarnations_key],
-                            [_lease_value(self.token), LEASE_TTL, self.token])
-                self.recover_dead_predecessors(client)
+                renewed = _run_script(
+                    client, "lease", [LEASE_KEY.format(token=self.token), INCARNATIONS_KEY],
+                    [_lease_value(self.token), int(self.channel.reliable_lease_seconds), self.token,
+                     "renew" if self.registered else "register"])
+                if not renewed:
+                    logger.critical("fast recovery: the lease of this worker process expired, so other "
+                                    "workers may run its tasks: stopping it")
+                    celery_reliable_fence.set_deadline(time.monotonic() - 1)
+                    return
+                self.registered = True
+                celery_reliable_fence.set_deadline(started + float(self.channel.reliable_fence_seconds))
+                self.recover_dead_incarnations(client)
             if self.failures:
                 logger.warning("fast recovery: Redis answers again after %d failed tick(s)", self.failures)
             self.failures = 0
@@ -520,27 +559,35 @@ class FastRecovery:
             self.failures += 1
             logger.debug("fast recovery: broker unreachable, retrying", exc_info=True)
         except kombu_redis.redis.exceptions.RedisError as error:
-            # OOM on a full Redis, a broker loading its AOF, ...: never fatal, retried.
+            # A broker loading its AOF, a script refused, ...: never fatal, retried.
             self.failures += 1
-            if self.failures == 1 or self.failures % 30 == 0:
-                logger.warning("fast recovery: Redis refused the tick (%s); retrying every %d s",
-                               error, TICK_SECONDS)
+            _warn_sometimes("fast recovery tick", error)
 
-    def recover_dead_predecessors(self, client):
-        for raw_token in client.smembers(self.incarnations_key):
-            token = bytes_to_str(raw_token)
-            if token == self.token or not _lease_is_dead(client.get(LEASE_KEY.format(token=token))):
-                continue
-            tags = [bytes_to_str(tag) for tag, owner in client.hscan_iter(OWNER_KEY)
-                    if bytes_to_str(owner) == token]
+    def recover_dead_incarnations(self, client):
+        tokens = {bytes_to_str(t) for t in client.smembers(INCARNATIONS_KEY)} - {self.token}
+        legacy = LEGACY_INCARNATIONS_KEY.format(node=self.node)
+        tokens |= {bytes_to_str(t) for t in client.smembers(legacy)} - {self.token}
+        if not tokens:
+            return
+        tokens = sorted(tokens)
+        leases = client.mget([LEASE_KEY.format(token=token) for token in tokens])
+        dead = [token for token, lease in zip(tokens, leases) if _lease_is_dead(lease)]
+        if not dead:
+            return
+        owned = collections.defaultdict(list)
+        for tag, owner in client.hscan_iter(OWNER_KEY):
+            owned[bytes_to_str(owner)].append(bytes_to_str(tag))
+        for token in dead:
+            tags = owned.get(token, [])
             restored = sum(self.channel.recover_tag(client, tag, token) for tag in tags)
             if restored:
-                logger.warning("Restored %d message(s) held by a dead earlier run or connection of %s",
-                               restored, self.node)
+                logger.warning("Restored %d message(s) held by a dead worker process or connection "
+                               "(incarnation %s)", restored, token)
             owners = [client.hget(OWNER_KEY, tag) for tag in tags]
             if any(owner is not None and bytes_to_str(owner) == token for owner in owners):
                 continue  # a push was refused: keep the incarnation and try again next tick
-            client.srem(self.incarnations_key, token)
+            client.srem(INCARNATIONS_KEY, token)
+            client.srem(legacy, token)
             client.delete(LEASE_KEY.format(token=token))
 
 
