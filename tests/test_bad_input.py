@@ -62,6 +62,9 @@ CASES = {
         "celery_broker_tls_ca_file"),
     "rabbitmq TTL shorter than a task": (
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_message_ttl": 60}, "rabbitmq_broker_message_ttl"),
+    "lost timeout too short": ({"celery_worker_lost_timeout": 20}, "celery_worker_lost_timeout"),
+    "fence not below the lease": (
+        {"celery_worker_redis_fence_seconds": 44}, "celery_worker_redis_fence_seconds"),
     "rabbitmq consumer timeout below hard limit": (
         {"celery_broker_type": "rabbitmq", "celery_broker_consumer_timeout": 600}, "celery_broker_consumer_timeout"),
 }

@@ -77,7 +77,7 @@ def test_secret_files_are_tight(stack):
 def test_worker_uses_the_rabbitmq_settings(stack):
     conf = stack.effective_conf(["broker_channel_error_retry", "broker_heartbeat", "broker_transport_options"])
     assert conf["broker_channel_error_retry"] is True
-    assert conf["broker_heartbeat"] == 20  # celery_worker_lost_timeout 60 / 3
+    assert conf["broker_heartbeat"] == 10  # celery_worker_lost_timeout 30 (the scenario) / 3
     assert conf["broker_transport_options"]["confirm_publish"] is True
 
 

@@ -36,13 +36,16 @@ def _journals_since(stack, since, names):
 
 
 def test_a_lost_worker_host_hands_its_task_over(stack, scenario, recovery):
-    """c. The host running a task is killed and never started again during the test."""
+    """c. The host running a task vanishes (cut off the network, then killed: its connections
+    are never closed, as with a deleted VM) and is not started again during the test."""
     task = stack.send_beat(20, "handover")
     lost = _host_running(stack, task)
     other = next(name for name in stack.worker_names if name != lost)
     container = stack._docker.containers.get(lost)
+    network = stack._docker.networks.get(scenario["network"])
     stack.wait_until("the task to run a second", lambda: stack.runs_of(task)[0]["last"] > stack.runs_of(task)[0]["start"] + 1, 15)
     fault = time.time()
+    network.disconnect(container)
     container.kill()
     try:
         bound = scenario["lost_timeout"]
@@ -54,6 +57,7 @@ def test_a_lost_worker_host_hands_its_task_over(stack, scenario, recovery):
         assert seconds <= bound, f"the lost host's task ran elsewhere after {seconds:.1f} s (bound {bound} s)"
         stack.wait_until("the task to finish", lambda: any(r["done"] for r in stack.runs_of(task)), timeout=40)
     finally:
+        network.connect(container)
         container.start()
         host = stack.workers[stack.worker_names.index(lost)]
         stack.wait_booted(host)
