@@ -54,6 +54,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 
@@ -176,7 +177,7 @@ _SHA = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SRC.items
 
 # The incarnation this process consumes through now (set when a connection joins the event
 # loop); earlier connections of this process are dead incarnations.
-_current = {"token": None, "timer": None}
+_current = {"token": None, "timer": None, "recovery": None}
 
 
 def _run_script(client, name, keys, args):
@@ -527,7 +528,12 @@ class Channel(kombu_redis.Channel):
 
 
 class FastRecovery:
-    """Lease, fence and recovery of dead incarnations for one worker process (event loop timer)."""
+    """Lease, fence and recovery of dead incarnations for one worker process.
+
+    The lease is renewed by a thread of its own, so that Celery's blocking reconnect loop
+    (after a broker restart) does not let it lapse; a frozen process renews nothing. The
+    recovery of dead incarnations runs on the event loop.
+    """
 
     def __init__(self, channel, node, token):
         self.channel = channel
@@ -535,33 +541,56 @@ class FastRecovery:
         self.token = token
         self.registered = False
         self.failures = 0
+        self.stopped = threading.Event()
+
+    def renew(self, client):
+        """Register or renew the lease; publish the fence deadline. False once it expired."""
+        started = time.monotonic()
+        renewed = _run_script(
+            client, "lease", [LEASE_KEY.format(token=self.token), INCARNATIONS_KEY],
+            [_lease_value(self.token), int(self.channel.reliable_lease_seconds), self.token,
+             "renew" if self.registered else "register"])
+        if not renewed:
+            logger.critical("fast recovery: the lease of this worker process expired, so other "
+                            "workers may run its tasks: stopping it")
+            celery_reliable_fence.set_deadline(time.monotonic() - 1)
+            return False
+        self.registered = True
+        celery_reliable_fence.set_deadline(started + float(self.channel.reliable_fence_seconds))
+        return True
+
+    def keep_lease(self):
+        """Thread: renew the lease every TICK_SECONDS until stopped (a newer connection took over)."""
+        client = self.channel._create_client()
+        while not self.stopped.wait(TICK_SECONDS):
+            if self._guarded("lease renewal", lambda: self.renew(client)) is False:
+                return  # expired: the fence stops this process
 
     def tick(self):
-        started = time.monotonic()
-        try:
+        """Event loop: return the messages of dead incarnations."""
+        def recover():
             with self.channel.conn_or_acquire() as client:
-                renewed = _run_script(
-                    client, "lease", [LEASE_KEY.format(token=self.token), INCARNATIONS_KEY],
-                    [_lease_value(self.token), int(self.channel.reliable_lease_seconds), self.token,
-                     "renew" if self.registered else "register"])
-                if not renewed:
-                    logger.critical("fast recovery: the lease of this worker process expired, so other "
-                                    "workers may run its tasks: stopping it")
-                    celery_reliable_fence.set_deadline(time.monotonic() - 1)
-                    return
-                self.registered = True
-                celery_reliable_fence.set_deadline(started + float(self.channel.reliable_fence_seconds))
+                if not self.registered and not self.renew(client):
+                    return False
                 self.recover_dead_incarnations(client)
+            return True
+        self._guarded("fast recovery tick", recover)
+
+    def _guarded(self, what, step):
+        try:
+            result = step()
             if self.failures:
-                logger.warning("fast recovery: Redis answers again after %d failed tick(s)", self.failures)
+                logger.warning("fast recovery: Redis answers again after %d failed attempt(s)", self.failures)
             self.failures = 0
+            return result
         except self.channel.connection_errors:
             self.failures += 1
-            logger.debug("fast recovery: broker unreachable, retrying", exc_info=True)
+            logger.debug("%s: broker unreachable, retrying", what, exc_info=True)
         except kombu_redis.redis.exceptions.RedisError as error:
             # A broker loading its AOF, a script refused, ...: never fatal, retried.
             self.failures += 1
-            _warn_sometimes("fast recovery tick", error)
+            _warn_sometimes(what, error)
+        return None
 
     def recover_dead_incarnations(self, client):
         tokens = {bytes_to_str(t) for t in client.smembers(INCARNATIONS_KEY)} - {self.token}
@@ -612,9 +641,12 @@ class Transport(kombu_redis.Transport):
         node = channel.fast_recovery_node
         if not node:
             return
+        if _current["recovery"] is not None:
+            _current["recovery"].stopped.set()  # the lease of a connection this one replaces
         _current["token"] = self.fast_recovery_token
-        recovery = FastRecovery(channel, node, self.fast_recovery_token)
+        recovery = _current["recovery"] = FastRecovery(channel, node, self.fast_recovery_token)
         recovery.tick()  # register and recover before the first poll
+        threading.Thread(target=recovery.keep_lease, name="celery-reliable-lease", daemon=True).start()
         _current["timer"] = loop.call_repeatedly(TICK_SECONDS, recovery.tick)
 
 
