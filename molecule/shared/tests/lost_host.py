@@ -65,9 +65,14 @@ def test_a_lost_worker_host_hands_its_task_over(stack, scenario, recovery):
 
 
 def test_a_partitioned_worker_never_runs_a_task_beside_its_replacement(stack, scenario, recovery):
-    """d. The host running a task is cut off the network longer than the lease, then reconnected."""
+    """d. The host running a task is cut off the network longer than the lease, then reconnected.
+
+    The task (28 s, under the 30 s soft limit) outlasts the lease, so without the fence its
+    first run would still be going when another host starts it, and both would complete.
+    """
     since = time.time() - 1
-    task = stack.send_beat(20, "handover")
+    seconds = 28
+    task = stack.send_beat(seconds, "handover")
     cut = _host_running(stack, task)
     network = stack._docker.networks.get(scenario["network"])
     container = stack._docker.containers.get(cut)
@@ -78,12 +83,15 @@ def test_a_partitioned_worker_never_runs_a_task_beside_its_replacement(stack, sc
         time.sleep(scenario["lost_timeout"] + 5)
     finally:
         network.connect(container)
-    done = stack.wait_until("the task to finish", lambda: [r for r in stack.runs_of(task) if r["done"]], timeout=90)
+    stack.wait_until("the task to finish", lambda: [r for r in stack.runs_of(task) if r["done"]], timeout=90)
+    # Long enough for any other run to have finished too: lease expiry + a whole run.
+    time.sleep(max(0.0, fault + scenario["lost_timeout"] + seconds + 5 - time.time()))
     runs = stack.runs_of(task)
     recovery.record(f"worker host cut off {scenario['lost_timeout'] + 5} s ({scenario['name']})",
                     runs[-1]["start"] - fault, runs=len(runs))
     for earlier, later in zip(runs, runs[1:]):
         assert earlier["last"] < later["start"], f"two runs of {task} overlapped: {runs}"
+    done = [r for r in runs if r["done"]]
     assert len(done) == 1, f"the task completed {len(done)} times: {runs}"
     host = stack.workers[stack.worker_names.index(cut)]
     stack.wait_active(HANDOVER, host, timeout=120)
