@@ -398,16 +398,15 @@ class Channel(kombu_redis.Channel):
             self._flush_brpop_reauth()
 
     def _reliable_error(self, command, error):
-        text = str(error)
-        if "NOSCRIPT" in text or isinstance(error, kombu_redis.redis.exceptions.NoScriptError):
+        exceptions = kombu_redis.redis.exceptions
+        if isinstance(error, exceptions.NoScriptError) or "NOSCRIPT" in str(error):
             with self.conn_or_acquire() as client:
                 client.script_load(POP_SCRIPT)  # a restarted Redis: load it, pop again
-        elif command == "BLMOVE" and "OOM" in text:
+        elif command == "BLMOVE" and isinstance(error, exceptions.OutOfMemoryError):
             self._reliable_full = True  # BLMOVE is refused on a full Redis, BRPOP is not
         else:
-            logger.warning("Redis refused %s (%s); retrying after %.2f s", command, text,
-                           self.reliable_idle_wait)
-            self._reliable_waiting = True
+            _warn_sometimes(f"consuming ({command})", error)
+            self._reliable_waiting = True  # wait reliable_idle_wait on IDLE_KEY, then again
             self._reliable_full = True
         raise kombu_redis.Empty()
 
