@@ -65,6 +65,11 @@ CASES = {
     "lost timeout too short": ({"celery_worker_lost_timeout": 20}, "celery_worker_lost_timeout"),
     "fence not below the lease": (
         {"celery_worker_redis_fence_seconds": 44}, "celery_worker_redis_fence_seconds"),
+    "rabbitmq heartbeat too long for the lost timeout": (
+        {"celery_broker_type": "rabbitmq", "celery_broker_heartbeat": 20}, "celery_broker_heartbeat"),
+    "rabbitmq fence not below two heartbeats": (
+        {"celery_broker_type": "rabbitmq", "celery_worker_rabbitmq_fence_seconds": 32},
+        "celery_worker_rabbitmq_fence_seconds"),
     "rabbitmq consumer timeout below hard limit": (
         {"celery_broker_type": "rabbitmq", "celery_broker_consumer_timeout": 600}, "celery_broker_consumer_timeout"),
 }

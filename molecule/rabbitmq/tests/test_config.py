@@ -5,6 +5,7 @@ import shlex
 import pytest
 
 from broker_tls import *  # noqa: F401,F403
+from celery_stack import CONFIG_DIR
 from worker_config import *  # noqa: F401,F403
 
 VHOST = "celery"
@@ -77,8 +78,27 @@ def test_secret_files_are_tight(stack):
 def test_worker_uses_the_rabbitmq_settings(stack):
     conf = stack.effective_conf(["broker_channel_error_retry", "broker_heartbeat", "broker_transport_options"])
     assert conf["broker_channel_error_retry"] is True
-    assert conf["broker_heartbeat"] == 10  # celery_worker_lost_timeout 30 (the scenario) / 3
+    assert conf["broker_heartbeat"] == 8  # (celery_worker_lost_timeout 30 (the scenario) - 6) / 3
     assert conf["broker_transport_options"]["confirm_publish"] is True
+
+
+def test_every_worker_echoes_through_the_broker(stack):
+    """The fence's echo queue (celery_reliable_amqp.py): one exclusive queue per running worker
+    instance, and a deadline (the heartbeat, 8 s here) in each worker's environment."""
+    rows = rabbitmqctl(stack, "list_queues", "-p", VHOST, "name", "exclusive", "consumers")
+    echo = {line.split()[0]: line.split()[1:] for line in rows.splitlines()
+            if line.startswith("celery.reliable.echo.")}
+    expected = set()
+    for name, host in zip(stack.worker_names, stack.workers):
+        units = host.check_output("systemctl list-units --state=running --plain --no-legend 'celery-worker@*'")
+        for unit in units.splitlines():
+            instance = unit.split()[0].removeprefix("celery-worker@").removesuffix(".service")
+            expected.add(f"celery.reliable.echo.{instance}@{name}")
+    assert set(echo) == expected, rows
+    assert all(values == ["true", "1"] for values in echo.values()), echo
+    for host in stack.workers:
+        env = host.file(f"{CONFIG_DIR}/worker.env").content_string
+        assert "CELERY_WORKER_AMQP_FENCE_SECONDS='8'" in env
 
 
 @pytest.mark.parametrize("queue", ["celery.dlq"])

@@ -1,3 +1,3 @@
-"""A worker host lost for good, and one cut off the network (molecule/shared/tests/lost_host.py)."""
+"""A worker host lost for good, restarted, or cut off the network (molecule/shared/tests/lost_host.py)."""
 
 from lost_host import *  # noqa: F401,F403

@@ -1,4 +1,4 @@
-"""A worker host that never comes back, and one cut off the network (imported by each scenario).
+"""A worker host that never comes back, one that restarts, one cut off the network (imported by each scenario).
 
 Both worker hosts run the instance ``handover`` on the queue ``handover``. The scenario's
 ``celery_worker_lost_timeout`` (``lost_timeout`` in the scenario facts) bounds how long the
@@ -6,15 +6,22 @@ tasks of a lost host may wait before another host runs them:
 
 - Redis: the lost process's lease expires (celery_broker_redis_lease_seconds) and any live
   worker returns its messages; a worker cut off for longer than its fence
-  (celery_worker_redis_fence_seconds) kills its running task first, so the two runs never
-  overlap (the demo task records an "alive" event every 0.5 s).
-- RabbitMQ: the broker closes the lost host's connection after the heartbeat timeout
-  (celery_broker_heartbeat) and requeues its deliveries.
+  (celery_worker_redis_fence_seconds) kills its running task first. A restarted host's new
+  worker returns its predecessor's messages when it starts.
+- RabbitMQ: the broker closes the lost host's connection 2 to 3 heartbeats
+  (celery_broker_heartbeat) after it last heard from it and requeues its deliveries; a
+  worker whose echo through the broker has not come back for its fence
+  (celery_worker_rabbitmq_fence_seconds, below 2 heartbeats) kills its running task first.
+  A restarted host's new worker pokes its predecessor's echo queue, so that the broker
+  writes to the dead connection and drops it at once.
+The demo task records an "alive" event every 0.5 s, so overlapping runs show.
 Each test fails with its mechanism removed: without leases the Redis task waits for the
 visibility timeout (an hour here); without the fence the runs overlap; with RabbitMQ's
-former 60 s heartbeat the takeover exceeds the bound.
+former 60 s heartbeat the takeover exceeds the bound; without the poke a restarted
+RabbitMQ host's task waits for the heartbeat timers.
 """
 
+import subprocess
 import time
 
 HANDOVER = "celery-worker@handover.service"
@@ -25,6 +32,11 @@ def _host_running(stack, task):
     name = run["node"].split("@", 1)[1]
     assert name in stack.worker_names, run
     return name
+
+
+def _address(container, scenario):
+    container.reload()
+    return container.attrs["NetworkSettings"]["Networks"][scenario["network"]]["IPAddress"]
 
 
 def _journals_since(stack, since, names):
@@ -60,6 +72,36 @@ def test_a_lost_worker_host_hands_its_task_over(stack, scenario, recovery):
         network.connect(container)
         container.start()
         host = stack.workers[stack.worker_names.index(lost)]
+        stack.wait_booted(host)
+        stack.wait_active(HANDOVER, host)
+
+
+def test_a_restarted_worker_host_gives_its_task_back_at_once(stack, scenario, recovery):
+    """A worker host killed mid-task and started again at once (its connections are never
+    closed, as with a power cycle): the task runs again, on either host, and completes once."""
+    task = stack.send_beat(12, "handover")
+    restarted = _host_running(stack, task)
+    container = stack._docker.containers.get(restarted)
+    stack.wait_until("the task to run a second", lambda: stack.runs_of(task)[0]["last"] > stack.runs_of(task)[0]["start"] + 1, 15)
+    address = _address(container, scenario)
+    fault = time.time()
+    # Power loss: nothing leaves the host any more (the kernel would otherwise close the
+    # connections of the killed processes), then the host is off and boots again.
+    subprocess.run(["nsenter", "-t", str(container.attrs["State"]["Pid"]), "-n",
+                    "iptables", "-I", "OUTPUT", "-j", "DROP"], check=True)
+    container.kill()
+    container.start()
+    host = stack.workers[stack.worker_names.index(restarted)]
+    try:
+        assert _address(container, scenario) == address, "the host came back with another address"
+        second = stack.wait_until("the task to run again", lambda: stack.runs_of(task)[1:], timeout=scenario["lost_timeout"] + 30)[0]
+        seconds = second["start"] - fault
+        recovery.record(f"worker host power-cycled ({scenario['name']})", seconds,
+                        on=second["node"].split("@", 1)[1])
+        assert seconds <= scenario["lost_timeout"], f"the task ran again after {seconds:.1f} s"
+        stack.wait_until("the task to finish", lambda: any(r["done"] for r in stack.runs_of(task)), timeout=40)
+        assert len([r for r in stack.runs_of(task) if r["done"]]) == 1
+    finally:
         stack.wait_booted(host)
         stack.wait_active(HANDOVER, host)
 

@@ -16,6 +16,7 @@ from celery import signals
 from celery.app.utils import find_app
 from kombu.transport import TRANSPORT_ALIASES
 
+import celery_reliable_amqp
 import celery_reliable_fence
 
 # Pool processes stop their task once the broker may have handed it to another worker
@@ -28,6 +29,10 @@ celery_reliable_fence.connect(signals)
 TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = "celery_reliable_redis:Transport"
 
 app = find_app(os.environ["CELERY_WORKER_USER_APP"])
+
+# RabbitMQ: echo through the broker every second and stop the running tasks before the
+# broker can requeue them for another worker (celery_reliable_amqp.py; idle on Redis).
+app.steps["consumer"].add(celery_reliable_amqp.Echo)
 
 with open(os.environ["CELERY_WORKER_SETTINGS_FILE"], encoding="utf-8") as settings_file:
     app.conf.update(json.load(settings_file))

@@ -4,8 +4,9 @@
 A worker that loses the broker (a partition, a frozen main process, a broker that does not
 answer) keeps running its tasks, while the broker side eventually declares the worker dead
 and returns its unacknowledged tasks to other workers (on Redis, once this worker process's
-lease expired). The transport that knows that deadline publishes it here with
-``set_deadline()`` each time it renews it; after the deadline:
+lease expired; on RabbitMQ, once its heartbeat timer ran out). What knows that deadline
+publishes it here with ``set_deadline()`` each time it renews it (the Redis transport when
+it renews its lease, celery_reliable_amqp.py when an echo came back); after the deadline:
 
 - every pool process that runs a task kills itself (a thread checks twice a second, and a
   task that would start after the deadline never starts): the task is not running here
@@ -34,7 +35,7 @@ logger = logging.getLogger("celery.reliable.fence")
 CHECK_SECONDS = 0.5
 _shared = mmap.mmap(-1, mmap.PAGESIZE)
 _shared[:8] = struct.pack("d", math.inf)
-_state = {"running": False, "watchdog": None, "main_pid": os.getpid()}
+_state = {"running": False, "watchdog": None}
 
 
 def deadline():
@@ -51,6 +52,14 @@ def set_deadline(value):
         return False
     _shared[:8] = struct.pack("d", value)
     _start_watchdog(main=True)
+    return True
+
+
+def clear():
+    """Lift the deadline (no broker holds this worker to one now), unless it already passed."""
+    if expired():
+        return False
+    _shared[:8] = struct.pack("d", math.inf)
     return True
 
 
