@@ -65,6 +65,55 @@ CASES = {
     "lost timeout too short": ({"celery_worker_lost_timeout": 20}, "celery_worker_lost_timeout"),
     "fence not below the lease": (
         {"celery_worker_redis_fence_seconds": 44}, "celery_worker_redis_fence_seconds"),
+    # celery_worker_settings that would switch a guarantee off (refused unless named in
+    # celery_worker_unsafe_settings), or set a derived value.
+    "late ack off": ({"celery_worker_settings": {"task_acks_late": False}}, "task_acks_late: false (needs true"),
+    "reject on worker lost off": (
+        {"celery_worker_settings": {"task_reject_on_worker_lost": False}}, "task_reject_on_worker_lost"),
+    "requeue on failure": (
+        {"celery_worker_settings": {"task_acks_on_failure_or_timeout": False}}, "task_acks_on_failure_or_timeout"),
+    "prefetch 50 with late ack": (
+        {"celery_worker_settings": {"worker_prefetch_multiplier": 50}}, "worker_prefetch_multiplier: 50"),
+    "connection retries limited": (
+        {"celery_worker_settings": {"broker_connection_max_retries": 3}}, "broker_connection_max_retries"),
+    "no retry on start-up": (
+        {"celery_worker_settings": {"broker_connection_retry_on_startup": False}}, "broker_connection_retry_on_startup"),
+    "tasks kept running on connection loss": (
+        {"celery_worker_settings": {"worker_cancel_long_running_tasks_on_connection_loss": False}},
+        "worker_cancel_long_running_tasks_on_connection_loss"),
+    "publisher confirms off": (
+        {"celery_broker_type": "rabbitmq", "celery_worker_settings": {"broker_transport_options": {"confirm_publish": False}}},
+        "broker_transport_options.confirm_publish"),
+    "string for a boolean setting": (
+        {"celery_worker_settings": {"task_acks_late": "false"}}, "task_acks_late"),
+    "time limit through annotations": (
+        {"celery_worker_settings": {"task_annotations": {"*": {"time_limit": 99999}}}}, "task_annotations"),
+    "heartbeat in celery_worker_settings": (
+        {"celery_worker_settings": {"broker_heartbeat": 120}}, "celery_broker_heartbeat"),
+    "lease in celery_worker_settings": (
+        {"celery_worker_settings": {"broker_transport_options": {"reliable_lease_seconds": 600}}},
+        "celery_broker_redis_lease_seconds"),
+    # Values the broker would refuse at its restart (the broker would then be down).
+    "redis user named default": ({"celery_broker_user": "default"}, "celery_broker_user"),
+    "user name with a space": ({"celery_broker_user": "cel ery"}, "celery_broker_user"),
+    "maxmemory with a space": ({"redis_broker_maxmemory": "2 GB"}, "redis_broker_maxmemory"),
+    "port out of range": ({"celery_broker_port": 70000}, "celery_broker_port"),
+    "redis db 16": ({"celery_broker_redis_db": 16}, "celery_broker_redis_db"),
+    "redis bind address out of range": ({"redis_broker_bind": ["10.0.0.300"]}, "redis_broker_bind"),
+    "rabbitmq listener not an address": (
+        {"celery_broker_type": "rabbitmq", "rabbitmq_broker_bind": ["broker.example"]}, "rabbitmq_broker_bind"),
+    "rabbitmq heartbeat zero": (
+        {"celery_broker_type": "rabbitmq", "rabbitmq_broker_heartbeat": 0}, "rabbitmq_broker_heartbeat"),
+    "rabbitmq message TTL above the maximum": (
+        {"celery_broker_type": "rabbitmq", "rabbitmq_broker_message_ttl": 5000000}, "rabbitmq_broker_message_ttl"),
+    # Values that would open the host.
+    "workers run as root": ({"celery_worker_user": "root"}, "celery_worker_user"),
+    "worker group root": ({"celery_worker_group": "root"}, "celery_worker_group"),
+    "config dir is /etc": ({"celery_worker_config_dir": "/etc"}, "celery_worker_config_dir"),
+    "path climbing out with ..": ({"celery_worker_venv": "/opt/celery/../../etc"}, "celery_worker_venv"),
+    "whole file system writable": ({"celery_worker_read_write_paths": ["/"]}, "celery_worker_read_write_paths"),
+    "instance named ..": (
+        {"celery_worker_instances": [{"name": "..", "queues": ["celery"], "concurrency": 1}]}, "celery_worker_instances"),
     "rabbitmq heartbeat too long for the lost timeout": (
         {"celery_broker_type": "rabbitmq", "celery_broker_heartbeat": 20}, "celery_broker_heartbeat"),
     "rabbitmq fence not below two heartbeats": (
@@ -149,6 +198,12 @@ def test_bad_input_is_refused_before_any_change(case, tmp_path):
     assert_refused_in_first_play(*run_site(overrides, tmp_path), PREFLIGHT_PLAY, expected)
 
 
+def test_a_locked_setting_named_in_the_opt_out_list_is_accepted(tmp_path):
+    overrides = {"celery_worker_settings": {"task_acks_late": False, "worker_prefetch_multiplier": 4},
+                 "celery_worker_unsafe_settings": ["task_acks_late", "worker_prefetch_multiplier"]}
+    assert_preflight_passes(*run_site(overrides, tmp_path, "--tags", "preflight-only"))
+
+
 def test_the_cluster_baseline_passes_the_preflight(tmp_path):
     assert_preflight_passes(*run_site({}, tmp_path, "--tags", "preflight-only", inventory="hosts-cluster.yml",
                                       baseline_extra=CLUSTER_BASELINE))
@@ -175,3 +230,10 @@ def test_the_drill_refuses_before_touching_a_host(case, tmp_path):
     overrides, expected = DRILL_CASES[case]
     outcome = run_site(overrides, tmp_path, playbook="playbooks/drill.yml")
     assert_refused_in_first_play(*outcome, DRILL_PREFLIGHT_PLAY, expected)
+
+
+def test_the_drill_refuses_a_limit_that_leaves_out_a_host_it_touches(tmp_path):
+    """--limit cannot narrow the permission check: the broker restart touches the broker host."""
+    overrides = {"celery_drill_allowed": True, "celery_drill_restart_broker": True}
+    outcome = run_site(overrides, tmp_path, "--limit", "bad-input-worker", playbook="playbooks/drill.yml")
+    assert_refused_in_first_play(*outcome, DRILL_PREFLIGHT_PLAY, "Left out by --limit: bad-input-broker")
