@@ -5,6 +5,7 @@ Each fails when its mechanism is removed:
   - early ack (task_acks_late off): the interrupted task is never run again;
   - KillMode=control-group: a restart aborts the running task (two starts, not one);
   - no cold-shutdown escalation in ExecStop: a restart waits for the whole task;
+  - no SIGKILL in ExecStop: a hung worker takes twice TimeoutStopSec to stop;
   - the unit not enabled: it is not back after a reboot;
   - broker persistence off: queued tasks vanish with a broker crash.
 The seconds from each fault to the task running again go to the recovery report.
@@ -135,3 +136,22 @@ def test_broker_restart_returns_the_running_task_at_once(stack, scenario, recove
     stack.wait_runs(task, 1, event="done", timeout=60)
     recovery.record("broker restart mid-task (running task again)", starts[1]["t"] - fault)
     assert len(stack.runs(task, "done")) == 1
+
+
+def test_a_hung_worker_stops_within_the_stop_timeout(stack, recovery):
+    """A worker that handles neither SIGTERM nor SIGQUIT (its main process stopped) is
+    SIGKILLed by ExecStop before TimeoutStopSec, not after ExecStop's wait and then systemd's."""
+    pid = stack.main_pid(UNIT)
+    stack.worker.check_output(f"kill -STOP {pid}")
+    started = time.time()
+    try:
+        stack.worker.check_output(f"systemctl stop {UNIT}")
+        seconds = time.time() - started
+    finally:
+        stack.worker.run(f"kill -CONT {pid}")
+        stack.worker.check_output(f"systemctl start {UNIT}")
+        stack.wait_active(UNIT)
+    recovery.record("hung worker stopped", seconds, stop_timeout=stack.stop_timeout())
+    assert seconds <= stack.stop_timeout(), f"the stop took {seconds:.1f} s (TimeoutStopSec {stack.stop_timeout()} s)"
+    journal = stack.worker.check_output(f"journalctl -u {UNIT} --since=@{int(started)} --no-pager")
+    assert "timed out" not in journal, journal[-2000:]
