@@ -102,6 +102,9 @@ CASES = {
     "redis bind address out of range": ({"redis_broker_bind": ["10.0.0.300"]}, "redis_broker_bind"),
     "rabbitmq listener not an address": (
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_bind": ["broker.example"]}, "rabbitmq_broker_bind"),
+    "redis on loopback only with remote workers": ({"redis_broker_bind": ["127.0.0.1"]}, "redis_broker_bind"),
+    "rabbitmq on loopback only with remote workers": (
+        {"celery_broker_type": "rabbitmq", "rabbitmq_broker_bind": ["127.0.0.1", "::1"]}, "rabbitmq_broker_bind"),
     "rabbitmq heartbeat zero": (
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_heartbeat": 0}, "rabbitmq_broker_heartbeat"),
     "rabbitmq message TTL above the maximum": (
