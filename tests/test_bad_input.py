@@ -21,6 +21,7 @@ PREFLIGHT_PLAY = "Check the settings before changing anything"
 CASES = {
     "password missing": ({"celery_broker_password": None}, "celery_broker_password"),
     "password placeholder": ({"celery_broker_password": "changeme"}, "celery_broker_password"),
+    "password with a line break": ({"celery_broker_password": "a-real-secret\nsecond-line"}, "celery_broker_password"),
     "unknown broker type": ({"celery_broker_type": "kafka"}, "celery_broker_type"),
     "runtime zero": ({"celery_task_max_runtime": 0}, "celery_task_max_runtime"),
     "visibility timeout below hard limit": (

@@ -90,7 +90,7 @@ def test_rolling_restart_under_stream_loses_no_task(cluster, recovery):
         outcome["seconds"] = time.time() - started
 
     ids, t_fault = run_stream_through(cluster, rolling_restart, after=5, interval=0.5)
-    assert outcome["rc"] == 0, outcome["output"][-4000:]
+    assert outcome["rc"] == 0, outcome["output"][-12000:]
     counts = cluster.account(ids, timeout=300)
     pause = longest_pause(cluster, ids, t_fault)
     recovery.record("rolling restart (3 nodes, 2 worker hosts) under a stream", pause,

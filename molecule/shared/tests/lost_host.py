@@ -12,12 +12,12 @@ tasks of a lost host may wait before another host runs them:
   (celery_broker_heartbeat) after it last heard from it and requeues its deliveries; a
   worker whose echo through the broker has not come back for its fence
   (celery_worker_rabbitmq_fence_seconds, below 2 heartbeats) kills its running task first.
-  A restarted host's new worker pokes its predecessor's echo queue, so that the broker
-  writes to the dead connection and drops it at once.
+  A restarted host answers the broker's retransmission of an echo still in flight to the
+  dead connection with a reset, and the broker drops that connection at once.
 The demo task records an "alive" event every 0.5 s, so overlapping runs show.
 Each test fails with its mechanism removed: without leases the Redis task waits for the
 visibility timeout (an hour here); without the fence the runs overlap; with RabbitMQ's
-former 60 s heartbeat the takeover exceeds the bound; without the poke a restarted
+former 60 s heartbeat the takeover exceeds the bound; without the echo in flight a restarted
 RabbitMQ host's task waits for the heartbeat timers.
 """
 

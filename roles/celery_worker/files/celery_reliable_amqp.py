@@ -17,8 +17,11 @@ on the broker renew nothing, so their tasks stop before the broker's timer runs 
 The echo messages also count as traffic for the broker, so it never gives up on a
 connection whose worker is alive and reachable.
 
-The queue is ``celery.reliable.echo.<node name>``, exclusive (it goes with the
-connection). The echo also keeps data in flight from the broker to every worker: when a
+The queue is ``celery.reliable.echo.<node name>.<random>``, exclusive (it goes with the
+connection) and new for every connection: a queue of the node name alone would stay locked
+by the previous connection until the broker has cleaned that connection up (a moment after a
+node's shutdown or maintenance, up to the heartbeat timeout after a power cycle), and every
+declaration in between would fail and restart the consumer. The echo also keeps data in flight from the broker to every worker: when a
 worker host is power-cycled (its connections never closed), the broker's next
 retransmission reaches the host once it is back, the host answers with a reset, and the
 broker requeues the dead connection's tasks at once rather than after 2 to 3 heartbeats.
@@ -30,6 +33,7 @@ for the broker: the event loop never blocks on it.
 import logging
 import os
 import time
+import uuid
 
 import amqp
 from celery import bootsteps
@@ -62,10 +66,7 @@ class Echo(bootsteps.StartStopStep):
     def start(self, c):
         if self.fence_seconds <= 0 or c.connection.transport.driver_type != "amqp":
             return
-        self.queue = QUEUE_PREFIX + c.hostname
-        # Like Celery's own pidbox queue, an exclusive queue of the node name: while an
-        # earlier connection of this node still holds it, the declaration fails and the
-        # consumer reconnects until the broker has dropped that connection.
+        self.queue = f"{QUEUE_PREFIX}{c.hostname}.{uuid.uuid4().hex[:12]}"
         self.channel = c.connection.channel()
         self.channel.queue_declare(queue=self.queue, durable=False, exclusive=True, auto_delete=True)
         self.channel.basic_consume(queue=self.queue, no_ack=True, callback=self._on_echo)
