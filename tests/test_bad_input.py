@@ -21,6 +21,7 @@ PREFLIGHT_PLAY = "Check the settings before changing anything"
 CASES = {
     "password missing": ({"celery_broker_password": None}, "celery_broker_password"),
     "password placeholder": ({"celery_broker_password": "changeme"}, "celery_broker_password"),
+    "node host with an @": ({"celery_worker_node_host": "a@b"}, "celery_worker_node_host"),
     "password with a line break": ({"celery_broker_password": "a-real-secret\nsecond-line"}, "celery_broker_password"),
     "unknown broker type": ({"celery_broker_type": "kafka"}, "celery_broker_type"),
     "runtime zero": ({"celery_task_max_runtime": 0}, "celery_task_max_runtime"),
@@ -139,6 +140,7 @@ CLUSTER_CASES = {
     "classic queues in a cluster": ({"celery_broker_queue_type": "classic"}, "celery_broker_queue_type"),
     "two nodes with one name": ({"rabbitmq_broker_node_name": "rabbit@same"}, "node name"),
     "beat on every worker host": ({"celery_worker_beat": True}, "celery_worker_beat"),
+    "two worker hosts with one node name": ({"celery_worker_node_host": "same"}, "celery_worker_node_host"),
 }
 
 

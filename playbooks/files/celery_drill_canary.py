@@ -168,7 +168,8 @@ def settle(timeout):
 
 
 def cleanup(ctx, queue):
-    node = f"{os.environ['CELERY_DRILL_INSTANCE']}@{socket.gethostname()}"  # as systemd's %i@%H
+    # As the unit's CELERY_WORKER_NODENAME: %i@ celery_worker_node_host, or the host name (%H).
+    node = f"{os.environ['CELERY_DRILL_INSTANCE']}@{os.environ.get('CELERY_WORKER_NODE_HOST') or socket.gethostname()}"
     with ctx.connection_for_write() as conn:
         channel = conn.default_channel
         try:
