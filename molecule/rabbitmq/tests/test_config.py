@@ -87,10 +87,9 @@ def test_every_worker_echoes_through_the_broker(stack):
     instance (named for its node plus a random part, new for every connection), and a deadline
     (the heartbeat, 8 s here) in each worker's environment."""
     rows = rabbitmqctl(stack, "list_queues", "-p", VHOST, "name", "exclusive", "consumers")
-    echo = {line.split()[0].rsplit(".", 1)[0]: line.split()[1:] for line in rows.splitlines()
-            if line.startswith("celery.reliable.echo.")}
-    assert len(echo) == len([line for line in rows.splitlines() if line.startswith("celery.reliable.echo.")]), \
-        f"more than one echo queue for a worker: {rows}"
+    lines = [line.split() for line in rows.splitlines() if line.startswith("celery.reliable.echo.")]
+    echo = {fields[0].rsplit(".", 1)[0]: fields[1:] for fields in lines}
+    assert len(echo) == len(lines), f"more than one echo queue for a worker: {rows}"
     expected = set()
     for name, host in zip(stack.worker_names, stack.workers):
         units = host.check_output("systemctl list-units --state=running --plain --no-legend 'celery-worker@*'")
