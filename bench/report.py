@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-FAULTS = ["worker SIGKILL", "pool process SIGKILL", "worker restart", "worker host reboot",
-          "broker restart"]
+FAULTS = ["worker SIGKILL", "pool process SIGKILL", "worker restart", "worker frozen", "host lost",
+          "worker host reboot", "broker restart"]
 
 
 def machine():
@@ -95,6 +95,12 @@ def targets(broker, s):
     # to the canary's run; a clean drain and restart measured 4.6-7.8 s with 3 s canaries.
     out.append(("restart waits for no timeout (< canary run + 9 s)", restart,
                 float(st.get("task_seconds") or 3) + 9, True))
+    # A worker that stops answering (frozen, or its host gone without closing a connection):
+    # its tasks run on another host within celery_worker_lost_timeout (lease or heartbeats).
+    lost_limit = float(st.get("lost_timeout") or 60)
+    for fault in ("worker frozen", "host lost"):
+        value = s["recovery"].get(fault, {}).get("max")
+        out.append((f"{fault}: its tasks run on another host <= {lost_limit:.0f} s", value, lost_limit, True))
     never = sum(r["never"] for r in s["recovery"].values())
     out.append(("every fault recovered, no task lost", s["drill_tasks"]["lost"] + never, 0, True))
     if s["throughput"]:

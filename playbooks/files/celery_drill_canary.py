@@ -17,9 +17,16 @@ As a command, run by the drill as root on a worker host:
                                                       a worker process started after
                                                       FAULT_T, else after END_T (the fault
                                                       over); print the seconds from FAULT_T
+    celery_drill_canary.py handover ID FAULT_T TIMEOUT
+                                                      wait until canary ID, held by a worker
+                                                      on another host at FAULT_T, starts
+                                                      here; print the seconds from FAULT_T
+    celery_drill_canary.py consume QUEUE on|off       make this host's drill worker consume
+                                                      QUEUE too, or stop (remote control)
     celery_drill_canary.py settle TIMEOUT             wait for every canary sent from this
-                                                      host to finish; print the counts
-    celery_drill_canary.py cleanup QUEUE              delete the canary queue (and on Redis
+                                                      host to finish; print the counts, and
+                                                      how often each canary finished here
+    celery_drill_canary.py cleanup QUEUE...           delete the canary queues (and on Redis
                                                       the instance's fast-recovery records)
 
 Each prints one JSON object. The broker URL and settings come from the worker's own
@@ -144,6 +151,39 @@ def recovered(fault_t, end_t, timeout, kind):
         time.sleep(0.2)
 
 
+def handover(task_id, fault_t, timeout):
+    """Seconds from FAULT_T until canary TASK_ID, held by another host then, starts here."""
+    fault_t = float(fault_t)
+    deadline = time.time() + float(timeout)
+    while True:
+        starts = [e["t"] for e in _read_jsonl(EVENTS_FILE)
+                  if e["id"] == task_id and e["event"] == "start" and e["t"] > fault_t]
+        if starts:
+            return {"recovered": True, "seconds": round(min(starts) - fault_t, 2), "in_flight": 1, "queued": 0}
+        if time.time() > deadline:
+            return {"recovered": False, "seconds": None, "in_flight": 1, "queued": 0}
+        time.sleep(0.2)
+
+
+def _node_name():
+    # As the unit's CELERY_WORKER_NODENAME: %i@ celery_worker_node_host, or the host name (%H).
+    return f"{os.environ['CELERY_DRILL_INSTANCE']}@{os.environ.get('CELERY_WORKER_NODE_HOST') or socket.gethostname()}"
+
+
+def consume(ctx, queue, switch):
+    """Add QUEUE to this host's drill worker, or cancel it (Celery's remote control)."""
+    node = _node_name()
+    for _ in range(10):  # a worker that just (re)started answers once its consumer is up
+        if switch == "on":
+            replies = ctx.control.add_consumer(queue, destination=[node], reply=True, timeout=3)
+        else:
+            replies = ctx.control.cancel_consumer(queue, destination=[node], reply=True, timeout=3)
+        if replies:
+            return {"node": node, "queue": queue, "consuming": switch == "on", "replies": replies}
+        time.sleep(1)
+    sys.exit(f"{node} did not answer the remote-control command for {queue!r}")
+
+
 def settle(timeout):
     """Wait for every canary sent from this host to finish; count lost and duplicated."""
     deadline = time.time() + float(timeout)
@@ -162,24 +202,29 @@ def settle(timeout):
             break
         time.sleep(0.5)
     duplicated = [task_id for task_id in sent if done.get(task_id, 0) > 1]
+    # Canaries handed over between hosts finish on another host than the one that sent them:
+    # the drill adds these counts up over all hosts to find a canary that finished twice.
     return {"sent": len(sent), "completed": len(sent) - len(lost), "lost": len(lost),
             "duplicated": len(duplicated), "runs": starts, "lost_ids": lost,
-            "duplicated_ids": duplicated}
+            "duplicated_ids": duplicated, "done": done}
 
 
-def cleanup(ctx, queue):
-    # As the unit's CELERY_WORKER_NODENAME: %i@ celery_worker_node_host, or the host name (%H).
-    node = f"{os.environ['CELERY_DRILL_INSTANCE']}@{os.environ.get('CELERY_WORKER_NODE_HOST') or socket.gethostname()}"
+def cleanup(ctx, *queues):
+    node = _node_name()
+    deleted = {}
     with ctx.connection_for_write() as conn:
         channel = conn.default_channel
-        try:
-            channel.queue_delete(queue)
-        except Exception as exc:  # already gone: nothing to clean
-            return {"queue": queue, "deleted": False, "reason": str(exc)}
+        for queue in queues:
+            try:
+                channel.queue_delete(queue)
+                deleted[queue] = True
+            except Exception as exc:  # already gone: nothing to clean
+                deleted[queue] = str(exc)
+                channel = conn.default_channel
         client = getattr(channel, "client", None)
         if client is not None and hasattr(client, "delete"):
             client.delete(f"unacked_incarnations:{node}")
-    return {"queue": queue, "deleted": True}
+    return {"deleted": deleted}
 
 
 def main(argv):
@@ -194,10 +239,14 @@ def main(argv):
         result = recovered(*args)
     elif command == "settle":
         result = settle(*args)
+    elif command == "handover":
+        result = handover(*args)
     else:
         ctx = _configured_app(lib_dir, app_dir)
         if command == "send":
             result = send(ctx, *args)
+        elif command == "consume":
+            result = consume(ctx, *args)
         elif command == "cleanup":
             result = cleanup(ctx, *args)
         else:
