@@ -109,6 +109,9 @@ CASES = {
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_bind": ["127.0.0.1", "::1"]}, "rabbitmq_broker_bind"),
     "rabbitmq heartbeat zero": (
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_heartbeat": 0}, "rabbitmq_broker_heartbeat"),
+    "erlang distribution address not an IPv4 address": (
+        {"celery_broker_type": "rabbitmq", "rabbitmq_broker_distribution_address": "10.0.0.300"},
+        "rabbitmq_broker_distribution_address"),
     "rabbitmq message TTL above the maximum": (
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_message_ttl": 5000000}, "rabbitmq_broker_message_ttl"),
     # Values that would open the host.
@@ -138,6 +141,8 @@ CLUSTER_CASES = {
         {"rabbitmq_broker_erlang_cookie": None}, "rabbitmq_broker_erlang_cookie"),
     "erlang cookie too short": ({"rabbitmq_broker_erlang_cookie": "short"}, "rabbitmq_broker_erlang_cookie"),
     "classic queues in a cluster": ({"celery_broker_queue_type": "classic"}, "celery_broker_queue_type"),
+    "erlang distribution on loopback in a cluster": (
+        {"rabbitmq_broker_distribution_address": "127.0.0.1"}, "rabbitmq_broker_distribution_address"),
     "two nodes with one name": ({"rabbitmq_broker_node_name": "rabbit@same"}, "node name"),
     "beat on every worker host": ({"celery_worker_beat": True}, "celery_worker_beat"),
     "two worker hosts with one node name": ({"celery_worker_node_host": "same"}, "celery_worker_node_host"),

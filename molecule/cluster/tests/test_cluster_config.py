@@ -24,6 +24,19 @@ def test_nodes_share_a_private_cookie(cluster):
     assert len(sums) == 1, "the nodes do not share one cookie"
 
 
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_erlang_distribution_listens_on_the_cluster_address_only(cluster, index):
+    node = cluster.nodes[index]
+    address = node.check_output(f"getent ahostsv4 {cluster.node_names[index]} | head -1").split()[0]
+
+    def listening(port):
+        rows = node.check_output(f"ss -Hltn 'sport = :{port}'").splitlines()
+        return {row.split()[3].rsplit(":", 1)[0] for row in rows}
+
+    assert listening(4369) == {"127.0.0.1", address}
+    assert listening(25672) == {address}
+
+
 @pytest.mark.parametrize("queue", ["celery", "extra", "celery.dlq"])
 def test_task_queues_are_quorum_queues_on_every_node(cluster, queue):
     out = cluster.nodes[0].check_output(

@@ -32,6 +32,20 @@ def test_rabbitmq_listens_only_on_the_given_addresses(stack):
     assert ip in addresses
 
 
+def _listening(host, port):
+    rows = host.check_output(f"ss -Hltn 'sport = :{port}'").splitlines()
+    return {row.split()[3].rsplit(":", 1)[0] for row in rows}
+
+
+def test_erlang_distribution_listens_on_loopback_only(stack):
+    # A single node: epmd (systemd's epmd.socket) and the distribution port on 127.0.0.1
+    # only; the CLI still reaches the node under its host name (erl_inetrc).
+    assert _listening(stack.broker, 4369) == {"127.0.0.1"}
+    assert _listening(stack.broker, 25672) == {"127.0.0.1"}
+    assert stack.broker.check_output("getent ahostsv4 $(hostname) | head -1").split()[0] != "127.0.0.1"
+    assert "Ping succeeded" in stack.broker.check_output("rabbitmq-diagnostics ping")
+
+
 def test_guest_user_is_gone_and_cannot_log_in(stack):
     users = rabbitmqctl(stack, "list_users")
     assert "guest" not in users.split()
