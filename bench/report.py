@@ -3,7 +3,7 @@
 
 Usage: report.py --size full|quick [--junit JUNIT_XML] RUN_DIR OUTPUT_JSON
 RUN_DIR holds one directory per broker with drill-N.json (playbooks/drill.yml reports),
-timings.jsonl (playbook durations) and throughput.json (playbooks/bench-throughput.yml).
+timings.jsonl (playbook durations) and throughput.json (playbooks/bench_throughput.yml).
 Each target prints PASS when met; a missed recovery target prints FAIL and gates CI (exit
 status 1); a missed throughput or converge target prints MISS and does not fail the run (a
 shared 2-core machine is too noisy for them). bench/run.sh writes a full run's report to

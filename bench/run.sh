@@ -7,7 +7,7 @@
 #      SIGKILL, systemctl restart, host reboot, broker restart;
 #   2. an idempotent re-run of site.yml, timed (it must change nothing);
 #   3. the fire drill again, RUNS times in all (median and max per fault);
-#   4. the throughput benchmark (playbooks/bench-throughput.yml): TASKS no-op tasks drained
+#   4. the throughput benchmark (playbooks/bench_throughput.yml): TASKS no-op tasks drained
 #      with the bundle's settings and with Celery's defaults, ROUNDS times each, alternating.
 # Then bench/report.py prints the table with PASS, FAIL or MISS per target and writes it as
 # JSON: the full run to bench/results/latest.json (committed: the figures docs/benchmark.md
@@ -76,7 +76,7 @@ PY
   done
 
   step "$broker: throughput, $tasks no-op tasks x $rounds round(s), reliable vs Celery's defaults"
-  ansible-playbook -i inventories/sandbox playbooks/bench-throughput.yml \
+  ansible-playbook -i inventories/sandbox playbooks/bench_throughput.yml \
     -e celery_bench_tasks="$tasks" -e celery_bench_rounds="$rounds" \
     -e celery_bench_report_file="$dir/throughput.json"
 done

@@ -11,14 +11,20 @@
 #   this part on fresh Debian 12 and 13 containers: stock python3, no venv module).
 # Environment:
 #   CELERY_BUNDLE_IMAGE   image name (default: celery-bundle/debian12-systemd:latest)
-#   CELERY_BUNDLE_RELEASE Debian release of the image (default: bookworm; trixie for Debian 13)
+#   CELERY_BUNDLE_RELEASE Debian release of the image (default: trixie if the image name has
+#                         debian13 in it, else bookworm)
 #   CELERY_BUNDLE_VENV    venv path  (default: <repo>/.venv)
 #   CELERY_BUNDLE_PYTHON  interpreter of the venv (default: Debian's /usr/bin/python3)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-release=${CELERY_BUNDLE_RELEASE:-bookworm}
 image=${CELERY_BUNDLE_IMAGE:-celery-bundle/debian12-systemd:latest}
+# The release follows the image's name when only the image is given (debian13 = trixie).
+case $image in
+  *debian13*) default_release=trixie ;;
+  *) default_release=bookworm ;;
+esac
+release=${CELERY_BUNDLE_RELEASE:-$default_release}
 venv=${CELERY_BUNDLE_VENV:-$repo/.venv}
 # Debian's own interpreter, not whatever comes first on PATH (pyenv, a CI runner's Python):
 # its venv module is the python3-venv package installed below.

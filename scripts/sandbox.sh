@@ -111,7 +111,7 @@ up() {
   write_settings "$broker"
   play molecule/shared/prepare.yml
   play site.yml
-  play playbooks/demo-app.yml
+  play playbooks/demo_app.yml
   play playbooks/drill.yml
   step "done: a $broker broker and two workers; try: scripts/sandbox.sh drill"
 }

@@ -26,7 +26,7 @@ export PATH=/usr/bin:$repo/.venv/bin:$PATH
 export ANSIBLE_CONFIG=$repo/ansible.cfg
 
 step "host packages: bootstrap --host-packages-only on fresh Debian 12 and 13 containers"
-CELERY_BUNDLE_RELEASE=trixie CELERY_BUNDLE_IMAGE=celery-bundle/debian13-systemd:latest bash scripts/bootstrap.sh
+CELERY_BUNDLE_IMAGE=celery-bundle/debian13-systemd:latest bash scripts/bootstrap.sh
 bash scripts/check_host_packages.sh "$results/junit-host-packages.xml" \
   bookworm=celery-bundle/debian12-systemd:latest trixie=celery-bundle/debian13-systemd:latest
 
@@ -53,12 +53,19 @@ fi
 
 # The sandbox with one broker, as a newcomer runs it, ending with the fire drill; then the
 # CI-sized benchmark on it (bench/run.sh --quick --reuse: re-run time, throughput).
+# Each sandbox's Debian release (docs/tests.md, "Platforms"); the Molecule scenarios name
+# theirs in molecule.yml (rabbitmq: Debian 13, redis and cluster: Debian 12).
+declare -A sandbox_image=(
+  [redis]=celery-bundle/debian13-systemd:latest
+  [rabbitmq]=celery-bundle/debian12-systemd:latest
+)
 bench_dir=$results/bench
 sandbox() {
   local broker=$1 rc=0
   rm -f .drill/report.json
   mkdir -p "$bench_dir/$broker"
-  CELERY_SANDBOX_TIMINGS=$bench_dir/$broker/timings.jsonl bash scripts/sandbox.sh up "$broker" 2>&1 |
+  CELERY_BUNDLE_IMAGE=${CELERY_BUNDLE_IMAGE:-${sandbox_image[$broker]}} \
+    CELERY_SANDBOX_TIMINGS=$bench_dir/$broker/timings.jsonl bash scripts/sandbox.sh up "$broker" 2>&1 |
     tee "$results/sandbox-$broker.log" || rc=$?
   cp .drill/report.json "$results/drill-$broker.json" 2>/dev/null || true
   cp .drill/report.json "$bench_dir/$broker/drill-1.json" 2>/dev/null || true

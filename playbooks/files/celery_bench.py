@@ -1,4 +1,4 @@
-# Managed by Ansible (playbooks/bench-throughput.yml): installed for a benchmark, removed after it.
+# Managed by Ansible (playbooks/bench_throughput.yml): installed for a benchmark, removed after it.
 """No-op tasks for the throughput benchmark.
 
 As a worker application: the benchmark starts instances of the bundle's own worker unit,

@@ -81,12 +81,12 @@ def test_node_stop_mid_stream_loses_no_task(cluster, recovery):
 
 
 def test_rolling_restart_under_stream_loses_no_task(cluster, recovery):
-    """playbooks/rolling-restart.yml (three nodes, then two worker hosts) under a stream."""
+    """playbooks/rolling_restart.yml (three nodes, then two worker hosts) under a stream."""
     outcome = {}
 
     def rolling_restart():
         started = time.time()
-        outcome["rc"], outcome["output"] = cluster.playbook("playbooks/rolling-restart.yml")
+        outcome["rc"], outcome["output"] = cluster.playbook("playbooks/rolling_restart.yml")
         outcome["seconds"] = time.time() - started
 
     ids, t_fault = run_stream_through(cluster, rolling_restart, after=5, interval=0.5)

@@ -6,9 +6,12 @@ task start and end to its events file on each worker host.
 """
 
 import json
+import os
 import shlex
+import subprocess
 import time
 
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import docker
@@ -18,6 +21,7 @@ APP_DIR = "/opt/celery/app"
 VENV = "/opt/celery/venv"
 CONFIG_DIR = "/etc/celery"
 EVENTS_FILE = "/var/lib/demo-app/events.jsonl"
+REPO = Path(__file__).resolve().parents[3]
 
 
 class Stack:
@@ -32,6 +36,16 @@ class Stack:
         self._docker = docker.from_env()
 
     # ------------------------------------------------------------------ settings ---
+    def playbook(self, playbook, *args, timeout=900):
+        """Run a playbook of the bundle against this scenario's inventory; return (rc, output)."""
+        inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
+        env = dict(os.environ, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_FORCE_COLOR="false",
+                   ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
+        result = subprocess.run(
+            ["ansible-playbook", "-i", str(inventory), str(REPO / playbook), *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return result.returncode, result.stdout + result.stderr
+
     def settings(self, host=None):
         """The Celery settings the workers run with, as the role rendered them."""
         host = host or self.worker

@@ -6,18 +6,14 @@ run twice).
 """
 
 import json
-import os
 import shlex
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import testinfra
 
 from celery_stack import APP_DIR, CONFIG_DIR, VENV, Stack
-
-REPO = Path(__file__).resolve().parents[3]
 
 
 class Stream:
@@ -105,13 +101,3 @@ class ClusterStack(Stack):
             # completed more than once
             "duplicated": sum(1 for task in ids if dones[task] > 1),
         }
-
-    def playbook(self, playbook, timeout=900):
-        """Run a playbook of the bundle against this scenario's inventory; return (rc, output)."""
-        inventory = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "inventory"
-        env = dict(os.environ, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_FORCE_COLOR="false",
-                   ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
-        result = subprocess.run(
-            ["ansible-playbook", "-i", str(inventory), str(REPO / playbook)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        return result.returncode, result.stdout + result.stderr
