@@ -14,6 +14,8 @@
 #   CELERY_BUNDLE_RELEASE Debian release of the image (default: trixie if the image name has
 #                         debian13 in it, else bookworm)
 #   CELERY_BUNDLE_VENV    venv path  (default: <repo>/.venv)
+#   CELERY_BUNDLE_REQUIREMENTS  what goes into it (default: <repo>/requirements-dev.txt;
+#                         requirements-lowest.txt: the oldest Ansible the bundle claims)
 #   CELERY_BUNDLE_PYTHON  interpreter of the venv (default: Debian's /usr/bin/python3)
 set -euo pipefail
 
@@ -26,6 +28,7 @@ case $image in
 esac
 release=${CELERY_BUNDLE_RELEASE:-$default_release}
 venv=${CELERY_BUNDLE_VENV:-$repo/.venv}
+requirements=${CELERY_BUNDLE_REQUIREMENTS:-$repo/requirements-dev.txt}
 # Debian's own interpreter, not whatever comes first on PATH (pyenv, a CI runner's Python):
 # its venv module is the python3-venv package installed below.
 python=${CELERY_BUNDLE_PYTHON:-/usr/bin/python3}
@@ -127,7 +130,7 @@ build_image() {
 python_tools() {
   local stamp="$venv/.requirements.sha"
   local want
-  want=$( (cat "$repo/requirements-dev.txt"; readlink -f "$python") | sha256sum | cut -d' ' -f1)
+  want=$( (cat "$requirements"; readlink -f "$python") | sha256sum | cut -d' ' -f1)
   if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     log "python tools already installed in $venv"
     return
@@ -136,7 +139,7 @@ python_tools() {
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -r "$repo/requirements-dev.txt"
+  "$venv/bin/pip" install -q -r "$requirements"
   echo "$want" >"$stamp"
 }
 

@@ -99,7 +99,7 @@ up() {
   [[ $broker == redis || $broker == rabbitmq ]] || { echo "usage: $0 up [redis|rabbitmq]" >&2; exit 2; }
   step "bootstrap (Docker engine, base image, Python tools)"
   bash scripts/bootstrap.sh
-  export PATH=/usr/bin:$repo/.venv/bin:$PATH
+  export PATH=/usr/bin:${CELERY_BUNDLE_VENV:-$repo/.venv}/bin:$PATH
   local existing
   existing=$(current_broker)
   if [[ -n $existing && $existing != "$broker" ]]; then
@@ -119,7 +119,7 @@ up() {
 case ${1:-} in
   up) shift; up "$@" ;;
   drill)
-    export PATH=/usr/bin:$repo/.venv/bin:$PATH
+    export PATH=/usr/bin:${CELERY_BUNDLE_VENV:-$repo/.venv}/bin:$PATH
     play playbooks/drill.yml ;;
   down)
     export PATH=/usr/bin:$PATH

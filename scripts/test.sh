@@ -54,23 +54,34 @@ fi
 # The sandbox with one broker, as a newcomer runs it, ending with the fire drill; then the
 # CI-sized benchmark on it (bench/run.sh --quick --reuse: re-run time, throughput).
 # Each sandbox's Debian release (docs/tests.md, "Platforms"); the Molecule scenarios name
-# theirs in molecule.yml (rabbitmq: Debian 13, redis and cluster: Debian 12).
+# theirs in molecule.yml (rabbitmq: Debian 13, redis and cluster: Debian 12). The RabbitMQ
+# sandbox deploys with the oldest Ansible the bundle claims (requirements-lowest.txt, in
+# .venv-lowest/), the rest with the current one.
 declare -A sandbox_image=(
   [redis]=celery-bundle/debian13-systemd:latest
   [rabbitmq]=celery-bundle/debian12-systemd:latest
 )
+declare -A sandbox_requirements=(
+  [redis]=requirements-dev.txt
+  [rabbitmq]=requirements-lowest.txt
+)
 bench_dir=$results/bench
 sandbox() {
   local broker=$1 rc=0
+  local requirements=${sandbox_requirements[$broker]}
+  local with=(
+    CELERY_BUNDLE_IMAGE="${CELERY_BUNDLE_IMAGE:-${sandbox_image[$broker]}}"
+    CELERY_BUNDLE_REQUIREMENTS="$repo/$requirements"
+    CELERY_BUNDLE_VENV="$repo/$([[ $requirements == requirements-lowest.txt ]] && echo .venv-lowest || echo .venv)"
+  )
   rm -f .drill/report.json
   mkdir -p "$bench_dir/$broker"
-  CELERY_BUNDLE_IMAGE=${CELERY_BUNDLE_IMAGE:-${sandbox_image[$broker]}} \
-    CELERY_SANDBOX_TIMINGS=$bench_dir/$broker/timings.jsonl bash scripts/sandbox.sh up "$broker" 2>&1 |
+  env "${with[@]}" CELERY_SANDBOX_TIMINGS="$bench_dir/$broker/timings.jsonl" bash scripts/sandbox.sh up "$broker" 2>&1 |
     tee "$results/sandbox-$broker.log" || rc=$?
   cp .drill/report.json "$results/drill-$broker.json" 2>/dev/null || true
   cp .drill/report.json "$bench_dir/$broker/drill-1.json" 2>/dev/null || true
   if ((rc == 0)); then
-    CELERY_BENCH_DIR=$bench_dir bash bench/run.sh --quick --reuse "$broker" 2>&1 |
+    env "${with[@]}" CELERY_BENCH_DIR="$bench_dir" bash bench/run.sh --quick --reuse "$broker" 2>&1 |
       tee -a "$results/sandbox-$broker.log" || rc=$?
   fi
   python3 scripts/check_no_secrets.py "$results/sandbox-$broker.log" \

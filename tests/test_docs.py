@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("roles/*/README.md"))]
 README_MAX_LINES = 160
 
 
@@ -36,12 +36,15 @@ def rel(path):
 
 
 # ------------------------------------------------------------------ variables.md ---
-def test_variables_doc_is_generated_from_the_roles():
-    generator = load("gen_variables_doc", ROOT / "scripts" / "gen_variables_doc.py")
-    expected = generator.render()
-    current = (ROOT / "docs" / "variables.md").read_text()
+GENERATOR = load("gen_variables_doc", ROOT / "scripts" / "gen_variables_doc.py")
+
+
+@pytest.mark.parametrize("path", sorted(GENERATOR.outputs()), ids=rel)
+def test_variables_doc_and_role_readmes_are_generated_from_the_roles(path):
+    expected = GENERATOR.outputs()[path]
+    current = path.read_text() if path.exists() else ""
     assert current == expected, (
-        "docs/variables.md differs from the roles' argument specs and defaults: "
+        f"{rel(path)} differs from the roles' argument specs, defaults and metas: "
         "run scripts/gen_variables_doc.py and commit the result")
 
 
