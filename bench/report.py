@@ -49,6 +49,9 @@ def machine():
 def summarise(broker_dir):
     drills = [json.loads(p.read_text()) for p in sorted(broker_dir.glob("drill-*.json"))]
     settings = drills[0].get("settings", {}) if drills else {}
+    # What the workers speak (the broker dispatch in roles/celery/vars/main.yml): the Redis
+    # targets hold for Valkey too. Reports older than the field name their broker only.
+    transport = drills[0].get("transport", "amqp" if broker_dir.name == "rabbitmq" else "redis") if drills else None
     recovery = {}
     for fault in FAULTS:
         seconds = [f["seconds"] for d in drills for f in d["faults"]
@@ -73,7 +76,7 @@ def summarise(broker_dir):
                       "reliable_median": reliable, "defaults_median": defaults,
                       "ratio": round(reliable / defaults, 3) if defaults else None,
                       "lost": sum(r["count"] - min(r["completed"], r["count"]) for r in runs)}
-    return {"settings": settings, "recovery": recovery, "drill_tasks": tasks,
+    return {"settings": settings, "transport": transport, "recovery": recovery, "drill_tasks": tasks,
             "converge": {"fresh": fresh and fresh["seconds"], "rerun": rerun and rerun["seconds"],
                          "rerun_changed": rerun and rerun.get("changed")},
             "throughput": throughput}
@@ -84,7 +87,7 @@ def targets(broker, s):
     out = []
     st = s["settings"]
     crash = s["recovery"].get("worker SIGKILL", {}).get("max")
-    if broker == "redis":
+    if s["transport"] == "redis":
         limit = float(st.get("visibility_timeout") or 0) + 15
         out.append(("worker crash recovery <= visibility timeout + 15 s", crash, limit, True))
     else:

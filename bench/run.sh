@@ -33,8 +33,8 @@ for arg in "$@"; do
   case $arg in
     --quick) runs=1 tasks=1000 rounds=1 size=quick report=.results/bench-quick.json ;;
     --reuse) reuse=true ;;
-    redis | rabbitmq) brokers+=("$arg") ;;
-    *) echo "usage: $0 [--quick] [--reuse] [redis] [rabbitmq]" >&2; exit 2 ;;
+    redis | rabbitmq | valkey) brokers+=("$arg") ;;
+    *) echo "usage: $0 [--quick] [--reuse] [redis] [rabbitmq] [valkey]" >&2; exit 2 ;;
   esac
 done
 ((${#brokers[@]})) || brokers=(redis rabbitmq)

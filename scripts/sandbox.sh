@@ -3,7 +3,8 @@
 # containers on this machine, deployed with the real site.yml, then put through the fire
 # drill (playbooks/drill.yml).
 #
-#   scripts/sandbox.sh up [redis|rabbitmq]   create or update the sandbox, run the drill
+#   scripts/sandbox.sh up [redis|rabbitmq|valkey]  create or update the sandbox, run the drill
+#                                            (valkey: on Debian 13, which packages it)
 #   scripts/sandbox.sh drill                 run the fire drill again
 #   scripts/sandbox.sh down                  remove the containers, network and secrets
 #
@@ -96,9 +97,12 @@ play() {
 
 up() {
   local broker=${1:-redis}
-  [[ $broker == redis || $broker == rabbitmq ]] || { echo "usage: $0 up [redis|rabbitmq]" >&2; exit 2; }
+  [[ $broker == redis || $broker == rabbitmq || $broker == valkey ]] ||
+    { echo "usage: $0 up [redis|rabbitmq|valkey]" >&2; exit 2; }
+  # Valkey is packaged from Debian 13 on.
+  [[ $broker == valkey && -z ${CELERY_BUNDLE_IMAGE:-} ]] && image=celery-bundle/debian13-systemd:latest
   step "bootstrap (Docker engine, base image, Python tools)"
-  bash scripts/bootstrap.sh
+  CELERY_BUNDLE_IMAGE=$image bash scripts/bootstrap.sh
   export PATH=/usr/bin:${CELERY_BUNDLE_VENV:-$repo/.venv}/bin:$PATH
   local existing
   existing=$(current_broker)
@@ -125,5 +129,5 @@ case ${1:-} in
     export PATH=/usr/bin:$PATH
     step "removing ${hosts[*]} and $network"
     remove ;;
-  *) echo "usage: $0 up [redis|rabbitmq] | drill | down" >&2; exit 2 ;;
+  *) echo "usage: $0 up [redis|rabbitmq|valkey] | drill | down" >&2; exit 2 ;;
 esac

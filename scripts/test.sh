@@ -7,7 +7,7 @@
 #   3. every Molecule scenario in molecule/, one at a time;
 #   4. the sandbox (scripts/sandbox.sh) with each broker, ending with the fire drill, and the
 #      CI-sized benchmark on it (bench/run.sh --quick): a missed recovery target fails.
-# Usage: scripts/test.sh [SCENARIO ...]   (a scenario name, or sandbox-redis, sandbox-rabbitmq)
+# Usage: scripts/test.sh [SCENARIO ...]   (a scenario name, valkey, sandbox-redis, sandbox-rabbitmq)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,7 +48,7 @@ if (($#)); then
   scenarios=("$@")
 else
   mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
-  scenarios+=(sandbox-redis sandbox-rabbitmq)
+  scenarios+=(valkey sandbox-redis sandbox-rabbitmq)
 fi
 
 # The sandbox with one broker, as a newcomer runs it, ending with the fire drill; then the
@@ -98,6 +98,13 @@ PY
   return "$rc"
 }
 
+# A run of a scenario under other settings: "valkey" is the redis scenario with Valkey on
+# Debian 13 (molecule/redis/molecule.yml).
+declare -A run_scenario=([valkey]=redis)
+declare -A run_env=(
+  [valkey]="CELERY_BUNDLE_BROKER_TYPE=valkey CELERY_BUNDLE_IMAGE=celery-bundle/debian13-systemd:latest CELERY_BUNDLE_RUN_SUFFIX=-valkey"
+)
+
 declare -A took
 for scenario in "${scenarios[@]}"; do
   if [[ $scenario == sandbox-* ]]; then
@@ -107,13 +114,15 @@ for scenario in "${scenarios[@]}"; do
     took[$scenario]=$(($(date +%s) - t0))
     continue
   fi
-  step "molecule test -s $scenario"
+  molecule_scenario=${run_scenario[$scenario]:-$scenario}
+  read -ra extra_env <<<"${run_env[$scenario]:-}"
+  step "molecule test -s $molecule_scenario ${extra_env[*]}"
   t0=$(date +%s)
-  molecule test -s "$scenario" 2>&1 | tee "$results/molecule-$scenario.log"
+  env "${extra_env[@]}" molecule test -s "$molecule_scenario" 2>&1 | tee "$results/molecule-$scenario.log"
   took[$scenario]=$(($(date +%s) - t0))
   step "no_log: the broker password never appears in the $scenario output"
   python3 scripts/check_no_secrets.py "$results/molecule-$scenario.log" \
-    "molecule/$scenario/molecule.yml" "$results/junit-secrets-$scenario.xml"
+    "molecule/$molecule_scenario/molecule.yml" "$results/junit-secrets-$scenario.xml"
 done
 
 if [[ " ${scenarios[*]} " == *" sandbox-"* ]]; then

@@ -137,6 +137,7 @@ CASES = {
 CLUSTER_BASELINE = {"celery_broker_type": "rabbitmq", "rabbitmq_broker_erlang_cookie": "A" * 32}
 CLUSTER_CASES = {
     "redis on several broker hosts": ({"celery_broker_type": "redis"}, "Redis runs on one host"),
+    "valkey on several broker hosts": ({"celery_broker_type": "valkey"}, "Valkey runs on one host"),
     "cluster without an erlang cookie": (
         {"rabbitmq_broker_erlang_cookie": None}, "rabbitmq_broker_erlang_cookie"),
     "erlang cookie too short": ({"rabbitmq_broker_erlang_cookie": "short"}, "rabbitmq_broker_erlang_cookie"),

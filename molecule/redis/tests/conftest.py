@@ -1,5 +1,10 @@
-"""Facts of the redis scenario for the shared fixtures and tests in molecule/shared/tests."""
+"""Facts of the redis scenario for the shared fixtures and tests in molecule/shared/tests.
 
+The scenario deploys Redis, or Valkey with CELERY_BUNDLE_BROKER_TYPE=valkey (its paths and
+unit carry the server's name: /etc/valkey/valkey.conf, valkey-server.service, valkey-cli).
+"""
+
+import os
 import sys
 from pathlib import Path
 
@@ -10,23 +15,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests")
 from stack_fixtures import *  # noqa: E402,F401,F403
 
 
+# The server the scenario deploys: redis or valkey.
+SERVER = os.environ.get("CELERY_BUNDLE_BROKER_TYPE", "redis")
+
+
 @pytest.fixture(scope="session")
 def scenario():
     return {
-        "name": "redis",
+        # Its reports (recovery-NAME.json, the recovery labels) name the server run.
+        "name": "redis" if SERVER == "redis" else SERVER,
+        "server": SERVER,
         "broker": "celery-redis-broker",
         "workers": ["celery-redis-worker1", "celery-redis-worker2"],
         "network": "celery-redis",
         "lost_timeout": 30,
-        "broker_unit": "redis-server.service",
+        "broker_unit": f"{SERVER}-server.service",
         # A task held by a SIGKILLed worker comes back when systemd has restarted the worker
         # (RestartSec 2 s): the fast-recovery transport returns it at once. Without that
         # transport it would wait for the one-hour visibility timeout.
         "worker_crash_bound": 2 + 15 + 10,
         # TLS (celery_broker_tls) on the Redis port; plain text gets no PONG/NOAUTH answer.
         "broker_port": 6379,
-        "tls_dir": "/etc/redis/tls",
-        "broker_group": "redis",
+        "tls_dir": f"/etc/{SERVER}/tls",
+        "broker_group": SERVER,
         "plain_hello": b"PING\r\n",
         "plain_answer": b"-",
     }

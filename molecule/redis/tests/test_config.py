@@ -1,5 +1,6 @@
-"""Rendered configuration of the Redis scenario: the worker units and the Redis broker."""
+"""Rendered configuration of the Redis scenario: the worker units and the Redis (or Valkey) broker."""
 
+import os
 import shlex
 
 import pytest
@@ -7,7 +8,11 @@ import pytest
 from broker_tls import *  # noqa: F401,F403
 from worker_config import *  # noqa: F401,F403
 
-REDIS_CONF = "/etc/redis/redis.conf"
+SERVER = os.environ.get("CELERY_BUNDLE_BROKER_TYPE", "redis")  # as in conftest.py
+CONFIG_DIR = f"/etc/{SERVER}"
+REDIS_CONF = f"{CONFIG_DIR}/{SERVER}.conf"
+DATA_DIR = f"/var/lib/{SERVER}"
+UNIT = f"{SERVER}-server.service"
 
 
 def redis_cli(stack, *args, user=None, password=None):
@@ -15,8 +20,8 @@ def redis_cli(stack, *args, user=None, password=None):
     if user:
         auth = f"REDISCLI_AUTH={shlex.quote(password)} "
         args = ("--user", user, "--no-auth-warning") + args
-    tls = "--tls --cacert /etc/redis/tls/ca.crt "  # the scenario runs Redis with TLS only
-    return stack.broker.run(auth + "redis-cli " + tls + " ".join(shlex.quote(a) for a in args))
+    tls = f"--tls --cacert {CONFIG_DIR}/tls/ca.crt "  # the scenario runs Redis with TLS only
+    return stack.broker.run(auth + f"{SERVER}-cli " + tls + " ".join(shlex.quote(a) for a in args))
 
 
 @pytest.mark.parametrize("line", [
@@ -24,7 +29,7 @@ def redis_cli(stack, *args, user=None, password=None):
     "appendfsync everysec",
     "maxmemory-policy noeviction",
     "protected-mode yes",
-    "aclfile /etc/redis/users.acl",
+    f"aclfile {CONFIG_DIR}/users.acl",
 ])
 def test_redis_conf(stack, line):
     assert line in stack.broker.file(REDIS_CONF).content_string.splitlines()
@@ -40,8 +45,8 @@ def test_redis_listens_only_on_the_given_addresses(stack):
 
 
 def test_redis_keeps_an_append_only_file(stack):
-    assert stack.broker.file("/var/lib/redis/appendonlydir").is_directory
-    manifest = stack.broker.run("ls /var/lib/redis/appendonlydir/*.manifest")
+    assert stack.broker.file(f"{DATA_DIR}/appendonlydir").is_directory
+    manifest = stack.broker.run(f"ls {DATA_DIR}/appendonlydir/*.manifest")
     assert manifest.rc == 0, "no AOF manifest: appendonly is off on the running server"
 
 
@@ -60,14 +65,14 @@ def test_celery_user_logs_in_but_gets_no_dangerous_commands(stack):
 
 
 def test_acl_file_holds_no_clear_text_password(stack):
-    acl = stack.broker.file("/etc/redis/users.acl")
+    acl = stack.broker.file(f"{CONFIG_DIR}/users.acl")
     assert stack.broker_password() not in acl.content_string
-    assert (acl.user, acl.group, acl.mode) == ("root", "redis", 0o640)
+    assert (acl.user, acl.group, acl.mode) == ("root", SERVER, 0o640)
 
 
 def test_redis_stop_is_bounded_and_restarts(stack):
-    assert stack.unit_property("redis-server.service", "TimeoutStopUSec", stack.broker) == "5min"
-    assert stack.unit_property("redis-server.service", "Restart", stack.broker) == "always"
+    assert stack.unit_property(UNIT, "TimeoutStopUSec", stack.broker) == "5min"
+    assert stack.unit_property(UNIT, "Restart", stack.broker) == "always"
 
 
 def test_kernel_settings_are_written(stack):
