@@ -42,7 +42,7 @@ for playbook in site.yml playbooks/*.yml; do
 done
 
 step "bad input is refused before any change (pytest, no containers)"
-pytest -p no:cacheprovider -q tests/ --junitxml "$results/junit-static.xml"
+pytest -p no:cacheprovider -q -n 2 tests/ --junitxml "$results/junit-static.xml"
 
 if (($#)); then
   scenarios=("$@")
