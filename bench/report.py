@@ -54,7 +54,9 @@ def summarise(broker_dir):
     transport = drills[0].get("transport", "amqp" if broker_dir.name == "rabbitmq" else "redis") if drills else None
     recovery = {}
     for fault in FAULTS:
-        seconds = [f["seconds"] for d in drills for f in d["faults"]
+        # float(): ansible-core 2.17 (the lowest-versions sandbox) writes the drill's numbers
+        # as strings ("3.64"), 2.19 as numbers.
+        seconds = [float(f["seconds"]) for d in drills for f in d["faults"]
                    if f["fault"] == fault and f["recovered"] and f["seconds"] is not None]
         never = sum(1 for d in drills for f in d["faults"] if f["fault"] == fault and not f["recovered"])
         if seconds or never:
