@@ -50,8 +50,8 @@ def summarise(broker_dir):
     drills = [json.loads(p.read_text()) for p in sorted(broker_dir.glob("drill-*.json"))]
     settings = drills[0].get("settings", {}) if drills else {}
     # What the workers speak (the broker dispatch in roles/celery/vars/main.yml): the Redis
-    # targets hold for Valkey too. Reports older than the field name their broker only.
-    transport = drills[0].get("transport", "amqp" if broker_dir.name == "rabbitmq" else "redis") if drills else None
+    # targets hold for Valkey too.
+    transport = drills[0]["transport"] if drills else None
     recovery = {}
     for fault in FAULTS:
         # float(): ansible-core 2.17 (the lowest-versions sandbox) writes the drill's numbers
@@ -84,7 +84,7 @@ def summarise(broker_dir):
             "throughput": throughput}
 
 
-def targets(broker, s):
+def targets(s):
     """(name, value, limit, ok, gates CI) for each target of the issue."""
     out = []
     st = s["settings"]
@@ -156,7 +156,7 @@ def main():
               "machine": machine(), "brokers": {}}
     for broker_dir in sorted(p for p in args.run_dir.iterdir() if p.is_dir()):
         summary = summarise(broker_dir)
-        summary["targets"] = targets(broker_dir.name, summary)
+        summary["targets"] = targets(summary)
         report["brokers"][broker_dir.name] = summary
     brokers = list(report["brokers"])
 
