@@ -67,6 +67,9 @@ CASES = {
     "lost timeout too short": ({"celery_worker_lost_timeout": 20}, "celery_worker_lost_timeout"),
     "fence not below the lease": (
         {"celery_worker_redis_fence_seconds": 44}, "celery_worker_redis_fence_seconds"),
+    "watchdog shorter than the fence": (
+        {"celery_worker_watchdog_seconds": 20}, "celery_worker_watchdog_seconds"),
+    "start timeout too short": ({"celery_worker_start_timeout": 5}, "celery_worker_start_timeout"),
     # celery_worker_settings that would switch a guarantee off (refused unless named in
     # celery_worker_unsafe_settings), or set a derived value.
     "late ack off": ({"celery_worker_settings": {"task_acks_late": False}}, "task_acks_late: false (needs true"),

@@ -18,6 +18,7 @@ def scenario():
         "workers": ["celery-rabbitmq-worker1", "celery-rabbitmq-worker2"],
         "network": "celery-rabbitmq",
         "lost_timeout": 30,
+        "watchdog": 15,
         "broker_unit": "rabbitmq-server.service",
         # RabbitMQ requeues a SIGKILLed worker's deliveries when its connection closes: the
         # task runs again as soon as systemd has restarted the worker (RestartSec 2 s).

@@ -29,6 +29,7 @@ def scenario():
         "workers": ["celery-redis-worker1", "celery-redis-worker2"],
         "network": "celery-redis",
         "lost_timeout": 30,
+        "watchdog": 15,
         "broker_unit": f"{SERVER}-server.service",
         # A task held by a SIGKILLed worker comes back when systemd has restarted the worker
         # (RestartSec 2 s): the fast-recovery transport returns it at once. Without that

@@ -7,11 +7,15 @@ Each fails when its mechanism is removed:
   - no cold-shutdown escalation in ExecStop: a restart waits for the whole task;
   - no SIGKILL in ExecStop: a hung worker takes twice TimeoutStopSec to stop;
   - the unit not enabled: it is not back after a reboot;
-  - broker persistence off: queued tasks vanish with a broker crash.
+  - broker persistence off: queued tasks vanish with a broker crash;
+  - no watchdog (WatchdogSec=0): a frozen worker is never restarted; a watchdog fed by a
+    timer alone: a worker that consumes nothing is never restarted.
 The seconds from each fault to the task running again go to the recovery report.
 """
 
 import time
+
+from celery_stack import VENV
 
 UNIT = "celery-worker@default.service"
 
@@ -85,6 +89,67 @@ def test_reboot_mid_task_brings_the_worker_back(stack, scenario, recovery):
     assert len(stack.runs(task, "done")) == 1
     # The state DB lives under the StateDirectory, which survives the reboot.
     assert stack.worker.run("ls /var/lib/celery/ | grep -q '^default.state'").rc == 0
+
+
+def test_a_frozen_worker_is_restarted_by_its_watchdog(stack, scenario, recovery):
+    """e. The worker's main process frozen mid-task (SIGSTOP: its event loop consumes nothing,
+    as a zombie worker): systemd's watchdog, no longer fed, aborts it and restarts it within
+    WatchdogSec + TimeoutAbortSec, and the task runs again and completes once. The pool
+    process running it was stopped by its fence meanwhile (the task outlasts the fence)."""
+    watchdog = int(stack.unit_file_value("WatchdogSec"))
+    abort = int(stack.unit_file_value("TimeoutAbortSec"))
+    restart_sec = int(stack.unit_file_value("RestartSec"))
+    assert watchdog > 0, "the worker unit has no watchdog"
+    (task,) = stack.send(15)
+    stack.wait_runs(task, 1, timeout=30)
+    pid = stack.main_pid(UNIT)
+    fault = time.time()
+    stack.worker.check_output(f"kill -STOP {pid}")
+    try:
+        stack.wait_until("systemd to restart the frozen worker",
+                         lambda: stack.main_pid(UNIT) not in (0, pid), timeout=watchdog + abort + 30)
+        restarted = time.time() - fault
+    finally:
+        stack.worker.run(f"kill -CONT {pid}")  # no such process once restarted
+    stack.wait_active(UNIT)
+    starts = stack.wait_runs(task, 2, timeout=60)
+    stack.wait_runs(task, 1, event="done", timeout=40)
+    recovery.record("worker frozen (SIGSTOP), restarted by its watchdog", restarted,
+                    task_running_again=round(starts[1]["t"] - fault, 1), watchdog=watchdog)
+
+    assert restarted <= watchdog + abort + restart_sec + 5, f"restarted after {restarted:.1f} s"
+    journal = stack.worker.check_output(f"journalctl -u {UNIT} --since=@{int(fault)} --no-pager")
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    assert len(stack.runs(task, "done")) == 1
+
+
+def test_a_worker_that_stops_consuming_is_restarted_by_its_watchdog(stack, recovery):
+    """f. The worker's consumer cancelled while its process, event loop and broker connection
+    stay healthy (a zombie worker: alive, consuming nothing): the watchdog, fed only while the
+    worker consumes, restarts it within WatchdogSec + TimeoutAbortSec, and it consumes again."""
+    watchdog = int(stack.unit_file_value("WatchdogSec"))
+    abort = int(stack.unit_file_value("TimeoutAbortSec"))
+    restart_sec = int(stack.unit_file_value("RestartSec"))
+    node = f"default@{stack.worker.check_output('hostname')}"
+    pid = stack.main_pid(UNIT)
+    fault = time.time()
+    out = stack.run_as_worker(
+        f"{VENV}/bin/celery --app=celery_reliable control cancel_consumer celery --destination={node}")
+    assert "no longer consuming" in out, out
+    stack.wait_until("the worker to report that it consumes nothing",
+                     lambda: stack.unit_property(UNIT, "StatusText").startswith("Not consuming"), 10)
+    assert stack.main_pid(UNIT) == pid
+    stack.wait_until("systemd to restart the worker that consumes nothing",
+                     lambda: stack.main_pid(UNIT) not in (0, pid), timeout=watchdog + abort + 30)
+    restarted = time.time() - fault
+    stack.wait_active(UNIT)
+    (task,) = stack.send(0)
+    stack.wait_runs(task, 1, event="done", timeout=30)
+    recovery.record("worker consuming nothing (consumer cancelled), restarted by its watchdog",
+                    restarted, watchdog=watchdog)
+
+    assert restarted <= watchdog + abort + restart_sec + 5, f"restarted after {restarted:.1f} s"
+    assert stack.unit_property(UNIT, "StatusText") == "Consuming celery"
 
 
 def test_broker_restart_and_sigkill_keep_queued_tasks(stack, scenario, recovery):

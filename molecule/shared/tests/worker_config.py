@@ -8,7 +8,9 @@ UNIT = "celery-worker@default.service"
 
 
 @pytest.mark.parametrize("prop, expected", [
-    ("Type", "exec"),
+    ("Type", "notify"),
+    ("NotifyAccess", "main"),
+    ("WatchdogSignal", "6"),
     ("KillMode", "mixed"),
     ("KillSignal", "15"),
     ("Restart", "always"),
@@ -28,6 +30,15 @@ def test_worker_unit_property(stack, prop, expected):
 def test_stop_timeout_is_drain_plus_soft_shutdown_plus_30(stack):
     soft_shutdown = stack.settings()["worker_soft_shutdown_timeout"]
     assert stack.stop_timeout() == stack.drain_timeout() + soft_shutdown + 30
+
+
+def test_the_worker_feeds_its_watchdog(stack, scenario):
+    """WatchdogSec is celery_worker_watchdog_seconds (the scenario's), the worker reported
+    itself ready and says what it consumes (its STATUS=)."""
+    assert stack.unit_file_value("WatchdogSec") == str(scenario["watchdog"])
+    assert stack.unit_property(UNIT, "WatchdogUSec") == f"{scenario['watchdog']}s"
+    assert stack.unit_property(UNIT, "StatusText") == "Consuming celery"
+    assert stack.unit_property(UNIT, "ActiveState") == "active"
 
 
 def test_every_instance_runs_as_the_worker_user(stack):

@@ -18,6 +18,7 @@ from kombu.transport import TRANSPORT_ALIASES
 
 import celery_reliable_amqp
 import celery_reliable_fence
+import celery_reliable_watchdog
 
 # Pool processes stop their task once the broker may have handed it to another worker
 # (celery_reliable_fence.py; imported here, before the pool forks).
@@ -33,6 +34,10 @@ app = find_app(os.environ["CELERY_WORKER_USER_APP"])
 # RabbitMQ: echo through the broker every second and stop the running tasks before the
 # broker can requeue them for another worker (celery_reliable_amqp.py; idle on Redis).
 app.steps["consumer"].add(celery_reliable_amqp.Echo)
+
+# systemd: READY=1 once the worker consumes, WATCHDOG=1 only while it consumes
+# (celery_reliable_watchdog.py): a worker that stops consuming is restarted.
+app.steps["consumer"].add(celery_reliable_watchdog.Watchdog)
 
 with open(os.environ["CELERY_WORKER_SETTINGS_FILE"], encoding="utf-8") as settings_file:
     app.conf.update(json.load(settings_file))

@@ -51,6 +51,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -312,6 +313,7 @@ class Channel(kombu_redis.Channel):
     _reliable_command = None
     _reliable_no_ack = frozenset()
     _reliable_get_no_ack = False
+    _reliable_answered_at = -math.inf  # monotonic time of the last answer to a pop or wait
 
     @property
     def reliable(self):
@@ -367,6 +369,7 @@ class Channel(kombu_redis.Channel):
         self.client.connection.send_command(*command)
 
     def _brpop_read(self, **options):
+        self._reliable_answered_at = time.monotonic()  # the server answered a pop or a wait
         command = self._reliable_command
         if command is None:
             return super()._brpop_read(**options)
@@ -396,6 +399,26 @@ class Channel(kombu_redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def reliable_not_consuming(self, max_age):
+        """None while this channel consumes, else why not (celery_reliable_watchdog.py).
+
+        Consuming: a pop or an idle wait was answered within MAX_AGE seconds (an idle
+        channel is answered every reliable_idle_wait, a busy one at each message), or the
+        channel holds as many messages as its prefetch allows (it pops nothing then).
+        """
+        if self.closed:
+            return "the task channel is closed"
+        if not self._active_queues:
+            return "this worker consumes no queue"
+        if not self.qos.can_consume():
+            return None
+        age = time.monotonic() - self._reliable_answered_at
+        if age == math.inf:
+            return "Redis has answered no pop yet"
+        if age > max_age:
+            return f"Redis has answered no pop for {age:.0f} s"
+        return None
 
     def _reliable_error(self, command, error):
         exceptions = kombu_redis.redis.exceptions
