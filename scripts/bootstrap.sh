@@ -4,6 +4,7 @@
 #   - a Docker engine (Debian's docker.io; started by hand when systemd is not PID 1)
 #   - the local systemd base image the Molecule scenarios boot (built with debootstrap,
 #     since no registry is reachable on our CI machines)
+#   - promtool (from Debian's prometheus package) in .tools/bin, for the alert rules' tests
 # Idempotent: a running engine, an existing venv and an existing image are reused.
 #
 # Usage: scripts/bootstrap.sh [--host-packages-only]
@@ -143,6 +144,26 @@ python_tools() {
   echo "$want" >"$stamp"
 }
 
+# promtool, which tests the Prometheus alert rules (tests/test_alert_rules.py): taken out of
+# Debian's prometheus package into .tools/bin, without installing the package (which would
+# start a Prometheus server on this machine).
+promtool() {
+  local tool=$repo/.tools/bin/promtool tmp
+  if [[ -x $tool ]]; then
+    log "promtool already in $tool"
+    return
+  fi
+  log "extracting promtool from Debian's prometheus package into $tool"
+  tmp=$(mktemp -d)
+  chmod 0755 "$tmp"
+  (cd "$tmp" && { apt-get download -qq prometheus 2>/dev/null ||
+    { apt-get update -qq && apt-get download -qq prometheus 2>/dev/null; }; })
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+  mkdir -p "$(dirname "$tool")"
+  install -m 0755 "$tmp/root/usr/bin/promtool" "$tool"
+  rm -rf "$tmp"
+}
+
 install_packages
 if [[ ${1:-} == --host-packages-only ]]; then
   "$python" -m venv "$(mktemp -d)/venv-check" && log "host packages ready: $("$python" --version) with venv"
@@ -151,4 +172,5 @@ fi
 start_engine
 build_image
 python_tools
+promtool
 log "ready: PATH=/usr/bin:$venv/bin:\$PATH"

@@ -103,6 +103,8 @@ CASES = {
     "user name with a space": ({"celery_broker_user": "cel ery"}, "celery_broker_user"),
     "maxmemory with a space": ({"redis_broker_maxmemory": "2 GB"}, "redis_broker_maxmemory"),
     "port out of range": ({"celery_broker_port": 70000}, "celery_broker_port"),
+    "redis exporter logging in as the celery user": (
+        {"redis_broker_exporter_user": "celery"}, "redis_broker_exporter_user"),
     "redis db 16": ({"celery_broker_redis_db": 16}, "celery_broker_redis_db"),
     "redis bind address out of range": ({"redis_broker_bind": ["10.0.0.300"]}, "redis_broker_bind"),
     "rabbitmq listener not an address": (
@@ -110,6 +112,8 @@ CASES = {
     "redis on loopback only with remote workers": ({"redis_broker_bind": ["127.0.0.1"]}, "redis_broker_bind"),
     "rabbitmq on loopback only with remote workers": (
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_bind": ["127.0.0.1", "::1"]}, "rabbitmq_broker_bind"),
+    "rabbitmq metrics listener not an address": (
+        {"celery_broker_type": "rabbitmq", "rabbitmq_broker_prometheus_bind": "localhost"}, "rabbitmq_broker_prometheus_bind"),
     "rabbitmq heartbeat zero": (
         {"celery_broker_type": "rabbitmq", "rabbitmq_broker_heartbeat": 0}, "rabbitmq_broker_heartbeat"),
     "erlang distribution address not an IPv4 address": (

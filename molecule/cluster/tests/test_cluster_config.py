@@ -6,6 +6,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from celery_stack import scrape
+
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_every_node_runs_in_one_cluster(cluster, index):
@@ -79,3 +81,19 @@ def test_exactly_one_beat(cluster, scenario):
         if name != scenario["beat_host"]:
             assert not host.file("/etc/systemd/system/celery-beat.service").exists
             assert not host.service("celery-beat.service").is_running
+
+
+def test_every_node_serves_prometheus_metrics_on_loopback(cluster):
+    """rabbitmq_prometheus on each node (RabbitMQ 3.10 here): the queues each node leads,
+    quorum task queues and the dead-letter queue among them, with their depth and
+    consumers, and the global redelivery counter the alert rules read."""
+    seen = set()
+    for node in cluster.nodes:
+        listening = node.check_output("ss -Hltn 'sport = :15692'")
+        assert {row.split()[3].rsplit(":", 1)[0] for row in listening.splitlines()} == {"127.0.0.1"}
+        body = scrape(node, "http://127.0.0.1:15692/metrics/detailed?vhost=celery"
+                            "&family=queue_coarse_metrics&family=queue_consumer_count")
+        seen |= {line.split('queue="', 1)[1].split('"', 1)[0] for line in body.splitlines()
+                 if line.startswith("rabbitmq_detailed_queue_consumers{")}
+        assert "\nrabbitmq_global_messages_redelivered_total " in scrape(node, "http://127.0.0.1:15692/metrics")
+    assert {"celery", "extra", "celery.dlq"} <= seen, seen

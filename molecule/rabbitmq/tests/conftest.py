@@ -1,6 +1,7 @@
 """Facts of the rabbitmq scenario for the shared fixtures and tests in molecule/shared/tests."""
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,14 @@ def scenario():
         "plain_hello": b"AMQP\x00\x00\x09\x01",
         "plain_answer": b"\x01\x00\x00",
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ttl_probe(stack):
+    """One task published, when the tests start, to "ttl-probe": a task queue under the
+    dead-letter policy that no worker consumes. test_zz_dead_letter.py, which runs last,
+    expects it in the dead-letter queue once the TTL (70 s) has passed, instead of waiting
+    for a TTL of its own."""
+    before = stack.queue_depths().get("celery.dlq", 0)
+    (task,) = stack.send(0, queue="ttl-probe")
+    return {"task": task, "sent": time.time(), "dead_letters_before": before}

@@ -5,7 +5,7 @@ import shlex
 import pytest
 
 from broker_tls import *  # noqa: F401,F403
-from celery_stack import CONFIG_DIR
+from celery_stack import CONFIG_DIR, scrape
 from worker_config import *  # noqa: F401,F403
 
 VHOST = "celery"
@@ -121,3 +121,20 @@ def test_every_worker_echoes_through_the_broker(stack):
 def test_dead_letter_queue_is_durable(stack, queue):
     rows = rabbitmqctl(stack, "list_queues", "-p", VHOST, "name", "durable")
     assert f"{queue}\ttrue" in rows or f"{queue} true" in " ".join(rows.split("\t"))
+
+
+def test_prometheus_metrics_per_queue_on_loopback_only(stack):
+    """rabbitmq_prometheus serves per-queue depth, unacknowledged count and consumers (the
+    dead-letter queue included) on 127.0.0.1:15692, and nothing on the network."""
+    listening = stack.broker.check_output("ss -Hltn 'sport = :15692'")
+    assert {row.split()[3].rsplit(":", 1)[0] for row in listening.splitlines()} == {"127.0.0.1"}
+    body = scrape(stack.broker, f"http://127.0.0.1:15692/metrics/detailed?vhost={VHOST}"
+                                "&family=queue_coarse_metrics&family=queue_consumer_count")
+    for metric in ("rabbitmq_detailed_queue_messages_ready", "rabbitmq_detailed_queue_messages_unacked",
+                   "rabbitmq_detailed_queue_consumers"):
+        for queue in ("celery", "celery.dlq"):
+            assert f'{metric}{{vhost="{VHOST}",queue="{queue}"}}' in body, (metric, queue, body[:1500])
+    assert 'rabbitmq_detailed_queue_consumers{vhost="celery",queue="celery"} 0' not in body
+    # The series the alert rules (prometheus/celery_bundle.rules.yml) read from /metrics.
+    assert "\nrabbitmq_global_messages_redelivered_total " in scrape(stack.broker, "http://127.0.0.1:15692/metrics")
+    print("\n".join(line for line in body.splitlines() if 'queue="celery' in line))

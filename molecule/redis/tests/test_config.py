@@ -1,11 +1,13 @@
 """Rendered configuration of the Redis scenario: the worker units and the Redis (or Valkey) broker."""
 
 import os
+import re
 import shlex
 
 import pytest
 
 from broker_tls import *  # noqa: F401,F403
+from celery_stack import scrape
 from worker_config import *  # noqa: F401,F403
 
 SERVER = os.environ.get("CELERY_BUNDLE_BROKER_TYPE", "redis")  # as in conftest.py
@@ -85,3 +87,37 @@ def test_worker_uses_the_derived_visibility_timeout_and_fast_sweep(stack):
     # Explicit 3600 in the scenario, checked > hard limit (60) + countdown (0).
     assert options["visibility_timeout"] == 3600
     assert (options["unacked_restore_interval"], options["unacked_restore_throttle"]) == (10, 1)
+
+
+def exporter_password(stack):
+    env = stack.broker.file("/etc/default/prometheus-redis-exporter")
+    assert (env.user, env.group, env.mode) == ("root", "root", 0o600)
+    return re.search(r"^REDIS_PASSWORD='([^']+)'$", env.content_string, re.M).group(1)
+
+
+def test_exporter_serves_memory_and_queue_lengths_on_loopback_only(stack):
+    """Debian's prometheus-redis-exporter, logged in as its own user: memory against
+    maxmemory and the length of each task queue (what the alert rules read)."""
+    listening = stack.broker.check_output("ss -Hltn 'sport = :9121'")
+    assert {row.split()[3].rsplit(":", 1)[0] for row in listening.splitlines()} == {"127.0.0.1"}
+    stack.worker.check_output("systemctl stop celery-worker@extra.service")
+    try:
+        stack.send(0, queue="extra", count=3)
+        body = scrape(stack.broker, "http://127.0.0.1:9121/metrics")
+    finally:
+        stack.worker.check_output("systemctl start celery-worker@extra.service")
+    assert re.search(r"^redis_up 1$", body, re.M), body[:2000]
+    assert re.search(r"^redis_memory_max_bytes [1-9]", body, re.M)
+    assert re.search(r"^redis_memory_used_bytes [1-9]", body, re.M)
+    assert re.search(r'^redis_key_size{db="db0",key="extra"} 3$', body, re.M), \
+        [line for line in body.splitlines() if "key_size" in line]
+    print("\n".join(line for line in body.splitlines() if line.startswith(("redis_key_size", "redis_memory_"))))
+
+
+def test_exporter_user_reads_sizes_never_tasks(stack):
+    password = exporter_password(stack)
+    assert stack.broker_password() not in stack.broker.file("/etc/default/prometheus-redis-exporter").content_string
+    assert redis_cli(stack, "LLEN", "celery", user="celery-exporter", password=password).stdout.strip().isdigit()
+    for command in (("LRANGE", "celery", "0", "0"), ("HGETALL", "unacked"), ("LPUSH", "celery", "x"), ("CONFIG", "SET", "maxmemory", "1")):
+        denied = redis_cli(stack, *command, user="celery-exporter", password=password)
+        assert "NOPERM" in denied.stdout + denied.stderr, command

@@ -24,6 +24,12 @@ EVENTS_FILE = "/var/lib/demo-app/events.jsonl"
 REPO = Path(__file__).resolve().parents[3]
 
 
+def scrape(host, url):
+    """The body of an HTTP GET of URL, fetched on HOST (Python's standard library there)."""
+    script = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+    return host.check_output(f"python3 -c {shlex.quote(script)} {shlex.quote(url)}")
+
+
 class Stack:
     """The broker and worker containers of one Molecule scenario."""
 
@@ -136,6 +142,12 @@ class Stack:
         args = " ".join(shlex.quote(c) for c in commands)
         out = self.run_as_worker(f"{VENV}/bin/python -c {shlex.quote(script)} {args}", host)
         return [int(v) for v in out.split()]
+
+    def queue_depths(self, vhost="celery"):
+        """RabbitMQ: messages in each queue of VHOST, by queue name."""
+        out = self.broker.check_output(f"rabbitmqctl -q list_queues -p {vhost} name messages")
+        return {row.split()[0]: int(row.split()[1]) for row in out.splitlines()
+                if len(row.split()) == 2 and row.split()[1].isdigit()}
 
     def events(self):
         """Every event recorded on every worker host, in time order."""
