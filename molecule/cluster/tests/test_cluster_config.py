@@ -95,5 +95,5 @@ def test_every_node_serves_prometheus_metrics_on_loopback(cluster):
                             "&family=queue_coarse_metrics&family=queue_consumer_count")
         seen |= {line.split('queue="', 1)[1].split('"', 1)[0] for line in body.splitlines()
                  if line.startswith("rabbitmq_detailed_queue_consumers{")}
-        assert "\nrabbitmq_global_messages_redelivered_total " in scrape(node, "http://127.0.0.1:15692/metrics")
+        assert "\nrabbitmq_global_messages_redelivered_total{" in scrape(node, "http://127.0.0.1:15692/metrics")
     assert {"celery", "extra", "celery.dlq"} <= seen, seen

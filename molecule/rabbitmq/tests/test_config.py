@@ -136,5 +136,5 @@ def test_prometheus_metrics_per_queue_on_loopback_only(stack):
             assert f'{metric}{{vhost="{VHOST}",queue="{queue}"}}' in body, (metric, queue, body[:1500])
     assert 'rabbitmq_detailed_queue_consumers{vhost="celery",queue="celery"} 0' not in body
     # The series the alert rules (prometheus/celery_bundle.rules.yml) read from /metrics.
-    assert "\nrabbitmq_global_messages_redelivered_total " in scrape(stack.broker, "http://127.0.0.1:15692/metrics")
+    assert "\nrabbitmq_global_messages_redelivered_total{" in scrape(stack.broker, "http://127.0.0.1:15692/metrics")
     print("\n".join(line for line in body.splitlines() if 'queue="celery' in line))

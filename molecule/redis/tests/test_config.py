@@ -109,9 +109,12 @@ def test_exporter_serves_memory_and_queue_lengths_on_loopback_only(stack):
     assert re.search(r"^redis_up 1$", body, re.M), body[:2000]
     assert re.search(r"^redis_memory_max_bytes [1-9]", body, re.M)
     assert re.search(r"^redis_memory_used_bytes [1-9]", body, re.M)
-    assert re.search(r'^redis_key_size{db="db0",key="extra"} 3$', body, re.M), \
-        [line for line in body.splitlines() if "key_size" in line]
-    print("\n".join(line for line in body.splitlines() if line.startswith(("redis_key_size", "redis_memory_"))))
+    # The role's script sizes the task queues (redis_script_values; Debian 13's exporter adds
+    # a filename label).
+    assert re.search(r'^redis_script_values{(filename="[^"]+",)?key="extra"} 3$', body, re.M), \
+        [line for line in body.splitlines() if "script" in line]
+    assert re.search(r'^redis_script_values{(filename="[^"]+",)?key="celery"} [0-9]', body, re.M)
+    print("\n".join(line for line in body.splitlines() if line.startswith(("redis_script_", "redis_memory_"))))
 
 
 def test_exporter_user_reads_sizes_never_tasks(stack):
