@@ -108,7 +108,8 @@ declare -A run_env=(
 # A run's Molecule steps when not the scenario's whole test sequence: the valkey run leaves
 # out the check step (site.yml --check on fresh hosts), which the redis run makes with the
 # same tasks, and (CELERY_BUNDLE_SERVER_TESTS=1, molecule/redis/tests/conftest.py) the
-# tests that do not depend on the server: lost hosts and the watchdog.
+# tests that do not depend on the server: lost hosts, fast recovery, the watchdog restarts,
+# the hung stop.
 declare -A run_steps=(
   [valkey]="destroy create prepare converge idempotence verify"
 )

@@ -20,16 +20,19 @@ SERVER = os.environ.get("CELERY_BUNDLE_BROKER_TYPE", "redis")
 
 # CELERY_BUNDLE_SERVER_TESTS=1 (scripts/test.sh's valkey run, to keep CI within its hour):
 # leave out the tests whose mechanism does not depend on the server, which the redis run
-# makes: the lost-host tests (the lease and the fence are the transport's own scripts and
-# timers) and the watchdog tests (kombu's channel state).
-SERVER_INDEPENDENT = ("test_lost_host.py", "restarted_by_its_watchdog")
+# makes: the lost-host and fast-recovery tests (the lease, the fence and the incarnations
+# are the transport's own scripts and timers; behaviour test a still needs fast recovery
+# on Valkey), the watchdog restarts (kombu's channel state) and the hung stop (systemd).
+SERVER_INDEPENDENT_FILES = ("test_lost_host.py", "test_fast_recovery.py")
+SERVER_INDEPENDENT_TESTS = ("restarted_by_its_watchdog", "test_a_hung_worker_stops_within_the_stop_timeout")
 
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("CELERY_BUNDLE_SERVER_TESTS") != "1":
         return
     left_out = [item for item in items
-                if item.path.name == SERVER_INDEPENDENT[0] or SERVER_INDEPENDENT[1] in item.name]
+                if item.path.name in SERVER_INDEPENDENT_FILES
+                or any(name in item.name for name in SERVER_INDEPENDENT_TESTS)]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = [item for item in items if item not in left_out]
