@@ -9,6 +9,7 @@ task of a later play ran and no host reports a change.
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent / "bad_input"
 PREFLIGHT_PLAY = "Check the settings before changing anything"
+FACT_CACHE = Path(tempfile.gettempdir()) / f"celery-bundle-bad-input-facts-{os.getuid()}"
 
 CASES = {
     "password missing": ({"celery_broker_password": None}, "celery_broker_password"),
@@ -70,6 +72,12 @@ CASES = {
     "watchdog shorter than the fence": (
         {"celery_worker_watchdog_seconds": 20}, "celery_worker_watchdog_seconds"),
     "start timeout too short": ({"celery_worker_start_timeout": 5}, "celery_worker_start_timeout"),
+    "negative delivery limit": ({"celery_task_delivery_limit": -1}, "celery_task_delivery_limit"),
+    "no delivery limit on quorum queues": (
+        {"celery_broker_type": "rabbitmq", "celery_broker_queue_type": "quorum", "celery_task_delivery_limit": 0},
+        "celery_task_delivery_limit"),
+    "dead-letter queue a worker consumes": (
+        {"celery_broker_dead_letter_queue": "celery"}, "celery_broker_dead_letter_queue"),
     # celery_worker_settings that would switch a guarantee off (refused unless named in
     # celery_worker_unsafe_settings), or set a derived value.
     "late ack off": ({"celery_worker_settings": {"task_acks_late": False}}, "task_acks_late: false (needs true"),
@@ -163,7 +171,13 @@ def run_site(overrides, tmp_path, *options, playbook="site.yml", inventory="host
                ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
                ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
                ANSIBLE_LOCALHOST_WARNING="false",
-               ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
+               # Facts are gathered once and reused by every case (the same machine
+               # each time): half of each run's time went into gathering them.
+               ANSIBLE_GATHERING="smart",
+               ANSIBLE_CACHE_PLUGIN="ansible.builtin.jsonfile",
+               ANSIBLE_CACHE_PLUGIN_CONNECTION=str(FACT_CACHE),
+               ANSIBLE_CACHE_PLUGIN_TIMEOUT="900")
     # None means "not defined": drop it from the baseline instead of passing null.
     good = {**yaml.safe_load((HERE / "good.yml").read_text()), **(baseline_extra or {})}
     baseline = {k: v for k, v in good.items() if k not in overrides or overrides[k] is not None}
@@ -256,3 +270,13 @@ def test_the_drill_refuses_a_limit_that_leaves_out_a_host_it_touches(tmp_path):
     overrides = {"celery_drill_allowed": True, "celery_drill_restart_broker": True}
     outcome = run_site(overrides, tmp_path, "--limit", "bad-input-worker", playbook="playbooks/drill.yml")
     assert_refused_in_first_play(*outcome, DRILL_PREFLIGHT_PLAY, "Left out by --limit: bad-input-broker")
+
+
+DEAD_LETTERS_PLAY = "Dead letters | List them, and replay the chosen ones"
+
+
+def test_the_dead_letter_playbook_refuses_a_selection_that_is_not_a_list(tmp_path):
+    """playbooks/dead_letters.yml: a task id given as a string is refused before any connection."""
+    outcome = run_site({"celery_dead_letters_replay_ids": "0f6c-not-a-list"}, tmp_path,
+                       playbook="playbooks/dead_letters.yml")
+    assert_refused_in_first_play(*outcome, DEAD_LETTERS_PLAY, "celery_dead_letters_replay_ids")
