@@ -209,6 +209,14 @@ def settle(timeout):
             "duplicated_ids": duplicated, "done": done}
 
 
+def dead_letters(ctx, queue):
+    """Task ids in the dead-letter queue QUEUE (celery_dead_letters.py, copied next to this file)."""
+    import celery_dead_letters  # noqa: E402
+
+    letters = celery_dead_letters.runner(ctx)(ctx, queue, None, 0)[3]
+    return {"total": len(letters), "ids": sorted({d["id"] for d in letters if d["id"]})}
+
+
 def cleanup(ctx, *queues):
     node = _node_name()
     deleted = {}
@@ -249,6 +257,8 @@ def main(argv):
             result = consume(ctx, *args)
         elif command == "cleanup":
             result = cleanup(ctx, *args)
+        elif command == "dead-letters":
+            result = dead_letters(ctx, *args)
         else:
             sys.exit(f"unknown command {command!r}")
     print(json.dumps(result))

@@ -57,9 +57,22 @@ def test_policy_dead_letters_and_limits_deliveries(cluster):
     if isinstance(definition, str):
         definition = json.loads(definition)
     assert definition["dead-letter-exchange"] == "celery.dlx"
-    assert definition["delivery-limit"] == 20
+    assert definition["delivery-limit"] == 3, "celery_task_delivery_limit of the scenario, through the default"
     assert definition["dead-letter-strategy"] == "at-least-once"
     assert "message-ttl" in definition
+
+
+def test_the_dead_letter_queue_keeps_its_messages_however_often_they_are_listed(cluster):
+    """Listing returns the dead letters: RabbitMQ 4.x would drop them at its default limit of 20."""
+    out = cluster.nodes[0].check_output("rabbitmqctl list_queues -p celery name policy --quiet --formatter json")
+    (dlq,) = [q for q in json.loads(out) if q["name"] == "celery.dlq"]
+    assert dlq["policy"] == "celery-tasks-dead-letters"
+    out = cluster.nodes[0].check_output("rabbitmqctl list_policies --vhost celery --quiet --formatter json")
+    (policy,) = [p for p in json.loads(out) if p["name"] == "celery-tasks-dead-letters"]
+    definition = policy["definition"]
+    if isinstance(definition, str):
+        definition = json.loads(definition)
+    assert definition == {"delivery-limit": 1000000}
 
 
 @pytest.mark.parametrize("index", [0, 1])

@@ -42,3 +42,28 @@ def test_expired_task_is_dead_lettered_not_dropped(stack, ttl_probe):
     dead = json.loads(stack.run_as_worker(f"{VENV}/bin/python -c {shlex.quote(LIST_DEAD_LETTERS)}"))
     assert {"id": ttl_probe["task"], "reason": "expired", "queue": "ttl-probe"} in dead, dead
     assert stack.queue_depths().get("celery.dlq", 0) == len(dead), "listing the dead letters consumed some"
+
+
+def test_the_dead_letter_playbook_lists_and_replays_a_task_once(stack, ttl_probe, tmp_path):
+    """playbooks/dead_letters.yml: counts by task and reason, then one replay, then none."""
+    task = ttl_probe["task"]
+    stack.wait_until("the expired task in celery.dlq",
+                     lambda: stack.queue_depths().get("celery.dlq", 0) > ttl_probe["dead_letters_before"],
+                     timeout=max(0, ttl_probe["sent"] + 70 + 60 - time.time()) + 1, interval=2)
+    dead_before = stack.queue_depths()["celery.dlq"]
+
+    report, changed = stack.dead_letters(tmp_path, ids=[task])
+    assert report["total"] == dead_before
+    assert {"task": "demo_app.work", "reason": "expired", "queue": "ttl-probe", "count": 1} in report["groups"]
+    assert [m["reason"] for m in report["messages"] if m["id"] == task] == ["expired"]
+    assert report["replayed"] == [task] and report["not_found"] == [] and changed == 1
+    depths = stack.queue_depths()
+    assert depths["celery.dlq"] == dead_before - 1, "the replayed task is still in the dead-letter queue"
+    assert depths["ttl-probe"] == 1, "the replayed task is not back in its queue"
+
+    # Idempotent: the same replay again finds nothing, publishes nothing, changes nothing.
+    report, changed = stack.dead_letters(tmp_path, ids=[task])
+    assert report["replayed"] == [] and report["not_found"] == [task] and changed == 0
+    depths = stack.queue_depths()
+    assert (depths["celery.dlq"], depths["ttl-probe"]) == (dead_before - 1, 1)
+    assert not stack.runs(task), "no worker consumes ttl-probe: the task must not have run"

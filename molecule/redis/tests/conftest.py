@@ -22,8 +22,10 @@ SERVER = os.environ.get("CELERY_BUNDLE_BROKER_TYPE", "redis")
 # leave out the tests whose mechanism does not depend on the server, which the redis run
 # makes: the lost-host and fast-recovery tests (the lease, the fence and the incarnations
 # are the transport's own scripts and timers; behaviour test a still needs fast recovery
-# on Valkey), the watchdog restarts (kombu's channel state) and the hung stop (systemd).
-SERVER_INDEPENDENT_FILES = ("test_lost_host.py", "test_fast_recovery.py")
+# on Valkey), the delivery limit and the dead-letter replay (the transport's restore
+# script, the helper's Lua), the watchdog restarts (kombu's channel state) and the hung
+# stop (systemd).
+SERVER_INDEPENDENT_FILES = ("test_lost_host.py", "test_fast_recovery.py", "test_dead_letters.py")
 SERVER_INDEPENDENT_TESTS = ("restarted_by_its_watchdog", "test_a_hung_worker_stops_within_the_stop_timeout")
 
 

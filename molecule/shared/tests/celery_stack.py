@@ -105,6 +105,26 @@ class Stack:
         return self.run_as_worker(
             f"{VENV}/bin/python -c {shlex.quote(script)} send-beat {seconds} {queue}", host).strip()
 
+    def send_crash(self, queue, flag_file, host=None):
+        """Publish one demo task that SIGKILLs its pool process while FLAG_FILE exists; return its id."""
+        script = "import sys, celery_reliable, demo_app; demo_app.main(sys.argv[1:])"
+        return self.run_as_worker(
+            f"{VENV}/bin/python -c {shlex.quote(script)} send-crash {queue} {shlex.quote(flag_file)}", host).strip()
+
+    def dead_letters(self, tmp_path, **selection):
+        """Run playbooks/dead_letters.yml (a replay with SELECTION, else a listing).
+
+        Returns its report (the helper's JSON) and the number of changes Ansible reported.
+        """
+        report = tmp_path / f"dead-letters-{time.monotonic_ns()}.json"
+        extra = {f"celery_dead_letters_replay_{key}": value for key, value in selection.items()}
+        rc, out = self.playbook("playbooks/dead_letters.yml",
+                                "-e", json.dumps({**extra, "celery_dead_letters_report_file": str(report)}))
+        assert rc == 0, out[-3000:]
+        changed = [int(word.split("=")[1]) for line in out.splitlines() if " : ok=" in line
+                   for word in line.split() if word.startswith("changed=")]
+        return json.loads(report.read_text()), sum(changed)
+
     def runs_of(self, task_id):
         """Each run of TASK_ID: node, pid, start, last sign of life (alive or done), done or not."""
         runs = {}

@@ -33,7 +33,16 @@
    exists (a restarted worker returns what its crashed run held) or that were an earlier
    connection of this very process. Each return is one script that re-checks the owner.
 
-3. Fencing (celery_reliable_fence.py). A lease is renewed only while it still exists (SET
+3. Delivery limit. Each return of a message to its queue (a pool process that died under
+   it, a worker killed or stopped while it ran) adds one to its ``x-delivery-count``
+   header, as RabbitMQ's quorum queues do. A message returned more than
+   ``reliable_delivery_limit`` times (a task that kills its worker every time) goes to the
+   ``reliable_dead_letter_queue`` list instead, with ``x-first-death-reason`` set to
+   ``delivery_limit`` and ``x-first-death-queue`` to its queue, in the same atomic step:
+   it is delivered limit + 1 times in all, then waits there for an operator
+   (playbooks/dead_letters.yml lists and replays it). 0 turns the limit off.
+
+4. Fencing (celery_reliable_fence.py). A lease is renewed only while it still exists (SET
    XX): once expired it never comes back, and its worker knows it is dead. A worker that
    could not renew its lease for ``reliable_fence_seconds`` (a partition, a frozen main
    process) kills its running tasks and restarts before the lease can expire, so that no
@@ -189,6 +198,13 @@ def _run_script(client, name, keys, args):
         return client.eval(_SRC[name], len(keys), *keys, *args)
 
 
+def _int(value):
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _read(path):
     try:
         with open(path, encoding="ascii") as fh:
@@ -306,8 +322,11 @@ class Channel(kombu_redis.Channel):
     reliable_idle_wait = 0.25
     reliable_lease_seconds = 45
     reliable_fence_seconds = 35
+    reliable_delivery_limit = 0  # returns after which a message is dead-lettered; 0: never
+    reliable_dead_letter_queue = "celery.dlq"
     from_transport_options = kombu_redis.Channel.from_transport_options + (
-        "reliable_idle_wait", "reliable_lease_seconds", "reliable_fence_seconds")
+        "reliable_idle_wait", "reliable_lease_seconds", "reliable_fence_seconds",
+        "reliable_delivery_limit", "reliable_dead_letter_queue")
     _reliable_waiting = False  # the pending command is the idle wait, not a pop
     _reliable_full = False     # Redis refused the idle wait with OOM: sleep on IDLE_KEY
     _reliable_command = None
@@ -522,18 +541,32 @@ class Channel(kombu_redis.Channel):
                 _run_script(client, "restore", self._bookkeeping_keys(), [tag, "", "", "0", ""])
             return False
         message, exchange, routing_key = loads(bytes_to_str(raw))
+        returns = 0
         try:
-            message["headers"]["redelivered"] = True
+            headers = message["headers"]
+            headers["redelivered"] = True
+            returns = headers["x-delivery-count"] = _int(headers.get("x-delivery-count")) + 1
             message["properties"]["delivery_info"]["redelivered"] = True
         except (KeyError, TypeError):
             pass
         priority = self._get_message_priority(message, reverse=False)
-        queues = [self._q_for_pri(queue, priority) for queue in self._lookup(exchange, routing_key)]
+        names = self._lookup(exchange, routing_key)
+        queues = [self._q_for_pri(queue, priority) for queue in names]
+        limit = _int(self.reliable_delivery_limit)
         if not queues:
             # No queue is bound any more (deleted): kept, not dropped, on a list of its own.
             logger.warning("No queue is bound for message %s (exchange %r, key %r): moved to %s",
                            tag, exchange, routing_key, UNROUTABLE_KEY)
             queues = [UNROUTABLE_KEY]
+        elif limit > 0 and returns > limit:
+            message["headers"].update({"x-first-death-reason": "delivery_limit",
+                                       "x-first-death-queue": names[0],
+                                       "x-first-death-exchange": exchange})
+            logger.error("Task %s (%s) came back %d times without finishing (limit %d): moved to "
+                         "the dead-letter queue %s", message["headers"].get("id"),
+                         message["headers"].get("task"), returns, limit, self.reliable_dead_letter_queue)
+            queues = [self.reliable_dead_letter_queue]
+            leftmost = True  # behind the earlier dead letters: the list keeps their order
         pushed = _run_script(client, "restore", self._bookkeeping_keys() + queues,
                              [tag, raw, dumps(message), "1" if leftmost else "0", owner])
         return bool(pushed)
