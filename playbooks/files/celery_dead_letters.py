@@ -41,8 +41,10 @@ return 0
 """
 
 
-def _load_env_file(path):
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (no shell expansion)."""
+def load_env_file(path):
+    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (no shell expansion).
+
+    Also the fire drill's (celery_drill_canary.py imports it from here)."""
     with open(path, encoding="utf-8") as env:
         for line in env:
             line = line.strip()
@@ -182,7 +184,7 @@ def main(argv):
     elif action != "list":
         raise SystemExit(f"unknown action {action!r}: list or replay")
     limit = int(rest[0]) if rest else 1000
-    _load_env_file(os.path.join(config_dir, "worker.env"))
+    load_env_file(os.path.join(config_dir, "worker.env"))
     sys.path[:0] = [lib_dir, app_dir]
     import celery_reliable  # noqa: E402  (the workers' own loader: same URL, same settings)
 

@@ -41,6 +41,9 @@ import time
 
 from celery import Celery
 
+# The dead-letter helper, installed next to this module by the drill.
+from celery_dead_letters import load_env_file as _load_env_file  # noqa: E402
+
 EVENTS_FILE = os.environ.get("CELERY_DRILL_EVENTS", "/var/lib/celery/drill/events.jsonl")
 TASK_NAME = "celery_drill.canary"
 
@@ -78,19 +81,6 @@ def _read_jsonl(path):
             return [json.loads(line) for line in lines if line.strip()]
     except FileNotFoundError:
         return []
-
-
-def _load_env_file(path):
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (no shell expansion)."""
-    with open(path, encoding="utf-8") as env:
-        for line in env:
-            line = line.strip()
-            if not line or line.startswith(("#", ";")) or "=" not in line:
-                continue
-            key, value = line.split("=", 1)
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            os.environ[key.strip()] = value
 
 
 def _configured_app(lib_dir, app_dir):
