@@ -146,7 +146,7 @@ def amqp_run(app, queue, selection, limit):
             if selection is None or not chosen(selection, letter):
                 continue
             target = letter["queue"]
-            if target not in existing:
+            if target and target not in existing:
                 try:
                     probe = connection.channel()
                     probe.queue_declare(queue=target, passive=True)
