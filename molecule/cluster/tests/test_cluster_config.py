@@ -50,12 +50,16 @@ def test_task_queues_are_quorum_queues_on_every_node(cluster, queue):
         assert f"rabbit@{name}" in members, f"{queue} has no replica on {name}"
 
 
-def test_policy_dead_letters_and_limits_deliveries(cluster):
+def policy_definition(cluster, name):
+    """The definition of the vhost's policy NAME (a JSON string on some RabbitMQ versions)."""
     out = cluster.nodes[0].check_output("rabbitmqctl list_policies --vhost celery --quiet --formatter json")
-    (policy,) = [p for p in json.loads(out) if p["name"] == "celery-tasks"]
+    (policy,) = [p for p in json.loads(out) if p["name"] == name]
     definition = policy["definition"]
-    if isinstance(definition, str):
-        definition = json.loads(definition)
+    return json.loads(definition) if isinstance(definition, str) else definition
+
+
+def test_policy_dead_letters_and_limits_deliveries(cluster):
+    definition = policy_definition(cluster, "celery-tasks")
     assert definition["dead-letter-exchange"] == "celery.dlx"
     assert definition["delivery-limit"] == 3, "celery_task_delivery_limit of the scenario, through the default"
     assert definition["dead-letter-strategy"] == "at-least-once"
@@ -67,12 +71,7 @@ def test_the_dead_letter_queue_keeps_its_messages_however_often_they_are_listed(
     out = cluster.nodes[0].check_output("rabbitmqctl list_queues -p celery name policy --quiet --formatter json")
     (dlq,) = [q for q in json.loads(out) if q["name"] == "celery.dlq"]
     assert dlq["policy"] == "celery-tasks-dead-letters"
-    out = cluster.nodes[0].check_output("rabbitmqctl list_policies --vhost celery --quiet --formatter json")
-    (policy,) = [p for p in json.loads(out) if p["name"] == "celery-tasks-dead-letters"]
-    definition = policy["definition"]
-    if isinstance(definition, str):
-        definition = json.loads(definition)
-    assert definition == {"delivery-limit": 1000000}
+    assert policy_definition(cluster, "celery-tasks-dead-letters") == {"delivery-limit": 1000000}
 
 
 @pytest.mark.parametrize("index", [0, 1])

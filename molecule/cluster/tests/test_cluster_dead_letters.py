@@ -6,21 +6,12 @@ The scenario sets celery_task_delivery_limit: 3 (the policy's delivery-limit). T
 SIGKILLs its pool process while a flag file exists on the worker host that runs it.
 """
 
-FLAG = "/var/lib/demo-app/poison"
 DLQ = "celery.dlq"
 
 
 def test_a_task_that_kills_its_worker_each_time_is_dead_lettered_then_replayed_once(cluster, tmp_path):
     before = cluster.queue_depths().get(DLQ, 0)
-    for worker in cluster.workers:
-        worker.check_output(f"touch {FLAG} && chmod 0644 {FLAG}")
-    try:
-        task = cluster.send_crash("extra", FLAG)
-        cluster.wait_until("the poison task in the dead-letter queue",
-                           lambda: cluster.queue_depths().get(DLQ, 0) > before, timeout=120, interval=1)
-    finally:
-        for worker in cluster.workers:
-            worker.check_output(f"rm -f {FLAG}")
+    task = cluster.send_poison("extra", lambda: cluster.queue_depths().get(DLQ, 0))
     runs = len(cluster.runs(task))
     assert runs == 3 + 1, f"ran {runs} times: delivered limit + 1 times, then dead-lettered"
     assert not cluster.runs(task, "done")

@@ -30,13 +30,18 @@ print(json.dumps(found))
 """
 
 
-def test_expired_task_is_dead_lettered_not_dropped(stack, ttl_probe):
+def wait_for_the_expired_probe(stack, ttl_probe):
+    """Until the probe's task is in celery.dlq: its 70 s TTL, plus a minute."""
     stack.wait_until(
         "the expired task in celery.dlq",
         lambda: stack.queue_depths().get("celery.dlq", 0) > ttl_probe["dead_letters_before"],
         timeout=max(0, ttl_probe["sent"] + 70 + 60 - time.time()) + 1,
         interval=2,
     )
+
+
+def test_expired_task_is_dead_lettered_not_dropped(stack, ttl_probe):
+    wait_for_the_expired_probe(stack, ttl_probe)
     assert stack.queue_depths().get("ttl-probe", 0) == 0, "the expired task is still in its queue"
     assert not stack.runs(ttl_probe["task"]), "the task ran although no worker consumed its queue"
     dead = json.loads(stack.run_as_worker(f"{VENV}/bin/python -c {shlex.quote(LIST_DEAD_LETTERS)}"))
@@ -47,9 +52,7 @@ def test_expired_task_is_dead_lettered_not_dropped(stack, ttl_probe):
 def test_the_dead_letter_playbook_lists_and_replays_a_task_once(stack, ttl_probe, tmp_path):
     """playbooks/dead_letters.yml: counts by task and reason, then one replay, then none."""
     task = ttl_probe["task"]
-    stack.wait_until("the expired task in celery.dlq",
-                     lambda: stack.queue_depths().get("celery.dlq", 0) > ttl_probe["dead_letters_before"],
-                     timeout=max(0, ttl_probe["sent"] + 70 + 60 - time.time()) + 1, interval=2)
+    wait_for_the_expired_probe(stack, ttl_probe)
     dead_before = stack.queue_depths()["celery.dlq"]
 
     report, changed = stack.dead_letters(tmp_path, ids=[task])

@@ -6,7 +6,6 @@ dead-letter list. The demo task SIGKILLs its pool process while a flag file exis
 worker host (worker1 alone consumes "extra").
 """
 
-FLAG = "/var/lib/demo-app/poison"
 DLQ = "celery.dlq"
 
 
@@ -15,13 +14,7 @@ def test_a_task_that_kills_its_worker_each_time_is_dead_lettered_then_replayed_o
     assert limit == 3, "the scenario's celery_task_delivery_limit"
     assert stack.settings()["broker_transport_options"]["reliable_dead_letter_queue"] == DLQ
     before = stack.redis_counts(f"llen {DLQ}")[0]
-    stack.worker.check_output(f"touch {FLAG} && chmod 0644 {FLAG}")
-    try:
-        task = stack.send_crash("extra", FLAG)
-        stack.wait_until("the poison task in the dead-letter list",
-                         lambda: stack.redis_counts(f"llen {DLQ}")[0] > before, timeout=120, interval=1)
-    finally:
-        stack.worker.check_output(f"rm -f {FLAG}")
+    task = stack.send_poison("extra", lambda: stack.redis_counts(f"llen {DLQ}")[0])
     assert len(stack.runs(task)) == limit + 1, "delivered limit + 1 times, then dead-lettered"
     assert not stack.runs(task, "done")
     assert stack.redis_counts("llen extra", "hlen unacked") == [0, 0]

@@ -105,11 +105,23 @@ class Stack:
         return self.run_as_worker(
             f"{VENV}/bin/python -c {shlex.quote(script)} send-beat {seconds} {queue}", host).strip()
 
-    def send_crash(self, queue, flag_file, host=None):
-        """Publish one demo task that SIGKILLs its pool process while FLAG_FILE exists; return its id."""
+    def send_poison(self, queue, dead_letters, flag_file="/var/lib/demo-app/poison", timeout=120):
+        """Publish a demo task that SIGKILLs its pool process while FLAG_FILE exists (on every
+        worker host), and wait until DEAD_LETTERS() (the dead-letter queue's depth) grows;
+        the flag files are removed whatever happens. Returns the task's id."""
+        before = dead_letters()
         script = "import sys, celery_reliable, demo_app; demo_app.main(sys.argv[1:])"
-        return self.run_as_worker(
-            f"{VENV}/bin/python -c {shlex.quote(script)} send-crash {queue} {shlex.quote(flag_file)}", host).strip()
+        for host in self.workers:
+            host.check_output(f"touch {flag_file} && chmod 0644 {flag_file}")
+        try:
+            task = self.run_as_worker(
+                f"{VENV}/bin/python -c {shlex.quote(script)} send-crash {queue} {shlex.quote(flag_file)}").strip()
+            self.wait_until("the poison task in the dead-letter queue",
+                            lambda: dead_letters() > before, timeout=timeout, interval=1)
+        finally:
+            for host in self.workers:
+                host.check_output(f"rm -f {flag_file}")
+        return task
 
     def dead_letters(self, tmp_path, **selection):
         """Run playbooks/dead_letters.yml (a replay with SELECTION, else a listing).
