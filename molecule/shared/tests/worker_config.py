@@ -1,8 +1,10 @@
 """Checks of the rendered worker configuration, shared by the broker scenarios."""
 
 import re
+import shlex
 
 import pytest
+from celery_stack import VENV, scrape
 
 UNIT = "celery-worker@default.service"
 
@@ -111,3 +113,58 @@ def test_writable_paths_are_only_the_declared_ones(stack):
         # Root-owned anyway; remount read-only is what matters, so try as root too.
         assert stack.worker.run(
             f"nsenter --target {pid} --mount touch {directory}/.probe").rc != 0, directory
+
+
+def exporter_samples(host, port=9808):
+    """{(metric name, frozenset of label pairs): value} of the exporter's /metrics on HOST."""
+    samples = {}
+    for line in scrape(host, f"http://127.0.0.1:{port}/metrics").splitlines():
+        found = re.match(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$', line)
+        if found:
+            pairs = frozenset(re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', found.group(2) or ""))
+            samples[found.group(1), pairs] = float(found.group(3))
+    return samples
+
+
+def test_the_exporter_sees_this_hosts_workers_and_counts_failures(stack):
+    """celery-exporter.service (loopback): every instance of this host is up by its
+    heartbeats, none of another host's; a frozen worker shows 0 while Celery's own events
+    stop; a task that raises is counted as failed under its name, one that runs as succeeded."""
+    listening = stack.worker.check_output("ss -Hltn 'sport = :9808'")
+    assert {row.split()[3].rsplit(":", 1)[0] for row in listening.splitlines()} == {"127.0.0.1"}
+    host = stack.worker.check_output("hostname").strip()
+    units = stack.worker.check_output("systemctl list-units --plain --no-legend 'celery-worker@*.service'")
+    instances = sorted(re.findall(r"^celery-worker@(\S+)\.service", units, re.M))
+    assert instances
+
+    def up(worker):
+        return exporter_samples(stack.worker).get(("celery_worker_up", frozenset({("worker", worker)})))
+
+    def count(worker, state, name="demo_app.fail"):
+        key = ("celery_tasks_total", frozenset({("worker", worker), ("name", name), ("state", state)}))
+        return exporter_samples(stack.worker).get(key, 0)
+
+    for instance in instances:
+        stack.wait_until(f"{instance}@{host} up in the exporter", lambda: up(f"{instance}@{host}") == 1, 30)
+    workers = {dict(labels)["worker"] for (name, labels) in exporter_samples(stack.worker) if name == "celery_worker_up"}
+    assert workers == {f"{instance}@{host}" for instance in instances}
+
+    worker = f"extra@{host}"
+    failed = count(worker, "failed")
+    succeeded = count(worker, "succeeded", "demo_app.work")
+    script = "import sys, celery_reliable, demo_app; demo_app.main(sys.argv[1:])"
+    stack.run_as_worker(f"{VENV}/bin/python -c {shlex.quote(script)} send-fail extra")
+    stack.send(0, queue="extra")
+    stack.wait_until("the failure counted", lambda: count(worker, "failed") == failed + 1, 30)
+    stack.wait_until("the success counted", lambda: count(worker, "succeeded", "demo_app.work") == succeeded + 1, 30)
+    assert count(worker, "received") >= 1
+
+    pid = stack.main_pid("celery-worker@extra.service")
+    stack.worker.check_output(f"kill -STOP {pid}")
+    try:
+        stack.wait_until("the frozen worker down in the exporter", lambda: up(worker) == 0, 12)
+    finally:
+        stack.worker.check_output(f"kill -CONT {pid}")
+    stack.wait_until("the thawed worker up again", lambda: up(worker) == 1, 20)
+    print({f"{name}{dict(labels)}": value for (name, labels), value in exporter_samples(stack.worker).items()
+           if labels and dict(labels).get("worker") == worker})
