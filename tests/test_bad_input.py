@@ -113,6 +113,8 @@ CASES = {
     "port out of range": ({"celery_broker_port": 70000}, "celery_broker_port"),
     "redis exporter logging in as the celery user": (
         {"redis_broker_exporter_user": "celery"}, "redis_broker_exporter_user"),
+    "celery exporter listener not an address": (
+        {"celery_worker_exporter_bind": "localhost"}, "celery_worker_exporter_bind"),
     "redis db 16": ({"celery_broker_redis_db": 16}, "celery_broker_redis_db"),
     "redis bind address out of range": ({"redis_broker_bind": ["10.0.0.300"]}, "redis_broker_bind"),
     "rabbitmq listener not an address": (

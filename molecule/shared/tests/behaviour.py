@@ -22,7 +22,7 @@ UNIT = "celery-worker@default.service"
 
 def test_worker_sigkill_mid_task_reruns_the_task(stack, scenario, recovery):
     """a. SIGKILL of the worker's main process mid-task: the task runs again and completes."""
-    (task,) = stack.send(20)
+    (task,) = stack.send(10)
     first = stack.wait_runs(task, 1, timeout=30)[0]
     pid = stack.main_pid(UNIT)
     fault = time.time()
@@ -55,7 +55,8 @@ def test_restart_returns_a_long_task_at_once(stack, scenario, recovery):
     """b2. systemctl restart mid-task: a task longer than the drain is returned at once and re-run."""
     drain = stack.drain_timeout()
     soft_shutdown = stack.settings()["worker_soft_shutdown_timeout"]
-    (task,) = stack.send(25)
+    # Longer than the drain and the soft shutdown (8 s in the scenarios) with room to spare.
+    (task,) = stack.send(drain + soft_shutdown + 7)
     stack.wait_runs(task, 1, timeout=30)
     fault = time.time()
     stack.worker.check_output(f"systemctl restart {UNIT}")
@@ -75,7 +76,7 @@ def test_restart_returns_a_long_task_at_once(stack, scenario, recovery):
 
 def test_reboot_mid_task_brings_the_worker_back(stack, scenario, recovery):
     """c. Reboot of the worker host mid-task: the unit is back after boot, the task completes."""
-    (task,) = stack.send(25)
+    (task,) = stack.send(stack.drain_timeout() + stack.settings()["worker_soft_shutdown_timeout"] + 7)
     stack.wait_runs(task, 1, timeout=30)
     fault = time.time()
     stack.reboot(scenario["workers"][0], stop_timeout=stack.stop_timeout() + 30)
@@ -193,7 +194,7 @@ def test_broker_restart_returns_the_running_task_at_once(stack, scenario, recove
     would wait for the visibility timeout, an hour in this scenario.
     """
     broker_unit = scenario["broker_unit"]
-    (task,) = stack.send(20)
+    (task,) = stack.send(10)
     stack.wait_runs(task, 1, timeout=30)
     fault = time.time()
     stack.broker.check_output(f"systemctl restart {broker_unit}")
