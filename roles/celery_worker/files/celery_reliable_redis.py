@@ -301,6 +301,18 @@ class QoS(kombu_redis.QoS):
             return super().reject(delivery_tag, requeue)
         self.ack(delivery_tag)  # dropped on purpose (requeue=False): the same removal
 
+    def restore_unacked(self, client=None):
+        # At channel close kombu returns the unacknowledged messages. When the broker went
+        # away, Celery has already closed the connection (the transport has no client left)
+        # and kombu's restore would end the worker with an AttributeError. The messages stay
+        # in the unacked hash instead, where this worker's reconnection (a new token: the
+        # old one is a dead incarnation) or the visibility sweep returns them.
+        if client is None and getattr(self.channel.connection, "client", None) is None:
+            logger.warning("connection closed before its channel: %d unacknowledged message(s) "
+                           "left in the unacked hash, returned on reconnection", len(self._delivered))
+            return None
+        return super().restore_unacked(client)
+
     def restore_visible(self, *args, **kwargs):
         # The visibility sweep takes a lock with SET, which a full Redis refuses: skip the
         # sweep until there is room again (nothing is lost meanwhile, it is only later).
