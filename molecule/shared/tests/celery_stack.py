@@ -224,6 +224,10 @@ class Stack:
         """Seconds of warm drain the worker units use before the cold shutdown."""
         return int(self.unit_file_value("Environment=CELERY_WORKER_DRAIN_TIMEOUT"))
 
+    def stop_seconds(self):
+        """How long a stop may keep a running task: the drain plus the soft shutdown."""
+        return self.drain_timeout() + self.settings()["worker_soft_shutdown_timeout"]
+
     def stop_timeout(self):
         return int(self.unit_file_value("TimeoutStopSec"))
 

@@ -30,8 +30,7 @@ def test_worker_unit_property(stack, prop, expected):
 
 
 def test_stop_timeout_is_drain_plus_soft_shutdown_plus_30(stack):
-    soft_shutdown = stack.settings()["worker_soft_shutdown_timeout"]
-    assert stack.stop_timeout() == stack.drain_timeout() + soft_shutdown + 30
+    assert stack.stop_timeout() == stack.stop_seconds() + 30
 
 
 def test_the_worker_feeds_its_watchdog(stack, scenario):
