@@ -63,21 +63,31 @@ def summarise(broker_dir):
             recovery[fault] = {"runs": len(seconds) + never, "median": statistics.median(seconds) if seconds else None,
                                "max": max(seconds) if seconds else None, "never": never}
     tasks = {key: sum(int(d["tasks"][key]) for d in drills) for key in ("sent", "completed", "lost", "duplicated")}
-    timings = [json.loads(line) for line in (broker_dir / "timings.jsonl").read_text().splitlines() if line.strip()]
+    timings_file = broker_dir / "timings.jsonl"
+    timings = [json.loads(line) for line in (timings_file.read_text() if timings_file.exists() else "").splitlines()
+               if line.strip()]
     fresh = next((t for t in timings if t["playbook"] == "site.yml"), None)
     rerun = next((t for t in timings if t["playbook"] == "site.yml (re-run)"), None)
-    throughput = None
+    throughput = []
     tp_file = broker_dir / "throughput.json"
     if tp_file.exists():
         runs = json.loads(tp_file.read_text())["runs"]
-        rates = {variant: [r["tasks_per_second"] for r in runs if r["instance"] == variant]
-                 for variant in ("bench-reliable", "bench-defaults")}
-        reliable, defaults = (statistics.median(rates[v]) for v in ("bench-reliable", "bench-defaults"))
-        throughput = {"tasks": runs[0]["count"], "rounds": len(rates["bench-reliable"]),
-                      "reliable": rates["bench-reliable"], "defaults": rates["bench-defaults"],
-                      "reliable_median": reliable, "defaults_median": defaults,
-                      "ratio": round(reliable / defaults, 3) if defaults else None,
-                      "lost": sum(r["count"] - min(r["completed"], r["count"]) for r in runs)}
+        for length in sorted({float(r.get("task_seconds", 0)) for r in runs}):
+            of_length = [r for r in runs if float(r.get("task_seconds", 0)) == length]
+            rates = {variant: [float(r["tasks_per_second"]) for r in of_length if r["instance"] == variant]
+                     for variant in ("bench-reliable", "bench-defaults")}
+            reliable, defaults = (statistics.median(rates[v]) for v in ("bench-reliable", "bench-defaults"))
+            # Each round drains both settings back to back: the ratio is the median of the
+            # rounds' ratios, so that a slow spell of the shared machine (+-25 % over minutes)
+            # weighs on both sides of a round rather than on one variant's median.
+            ratios = [r / d for r, d in zip(rates["bench-reliable"], rates["bench-defaults"]) if d]
+            throughput.append({"task_ms": round(length * 1000), "tasks": int(of_length[0]["count"]),
+                               "rounds": len(rates["bench-reliable"]),
+                               "reliable": rates["bench-reliable"], "defaults": rates["bench-defaults"],
+                               "reliable_median": reliable, "defaults_median": defaults,
+                               "ratio": round(statistics.median(ratios), 3) if ratios else None,
+                               "lost": sum(int(r["count"]) - min(int(r["completed"]), int(r["count"]))
+                                           for r in of_length)})
     return {"settings": settings, "transport": transport, "recovery": recovery, "drill_tasks": tasks,
             "converge": {"fresh": fresh and fresh["seconds"], "rerun": rerun and rerun["seconds"],
                          "rerun_changed": rerun and rerun.get("changed")},
@@ -108,15 +118,19 @@ def targets(s):
         out.append((f"{fault}: its tasks run on another host <= {lost_limit:.0f} s", value, lost_limit, True))
     never = sum(r["never"] for r in s["recovery"].values())
     out.append(("every fault recovered, no task lost", s["drill_tasks"]["lost"] + never, 0, True))
+    for tp in s["throughput"]:
+        out.append((f"reliable throughput >= 90 % of Celery's defaults ({task_label(tp['task_ms'])})",
+                    tp["ratio"], 0.90, False))
+    lost = sum(tp["lost"] for tp in s["throughput"])
     if s["throughput"]:
-        out.append(("reliable throughput >= 90 % of Celery's defaults", s["throughput"]["ratio"], 0.90, False))
+        out.append(("every benchmark task completed", lost, 0, True))
     out.append(("fresh converge (broker + 2 workers) <= 120 s", s["converge"]["fresh"], 120, False))
     out.append(("idempotent re-run <= 20 s", s["converge"]["rerun"], 20, False))
     checked = []
     for name, value, limit, gates in out:
         if name.startswith("reliable throughput"):
             ok = value is not None and value >= limit
-        elif name.startswith("every fault"):
+        elif name.startswith("every "):
             ok = value == 0
         else:
             ok = value is not None and value <= limit
@@ -138,6 +152,10 @@ def write_junit(path, report):
     failures = sum("<failure" in c for c in cases)
     path.write_text(f'<testsuite name="bench" tests="{len(cases)}" failures="{failures}">'
                     + "".join(cases) + "</testsuite>\n")
+
+
+def task_label(task_ms):
+    return "no-op tasks" if not task_ms else f"{task_ms} ms tasks"
 
 
 def fmt(value, unit=" s"):
@@ -170,14 +188,16 @@ def main():
             row += f"{(fmt(r['median']) + ' / ' + fmt(r['max'])) if r else '-':>24}"
         lines.append(row)
     lines.append("")
-    for label, key in [("throughput, reliable (tasks/s, median)", "reliable_median"),
-                       ("throughput, Celery's defaults (tasks/s, median)", "defaults_median"),
-                       ("ratio reliable / defaults", "ratio")]:
-        row = f"{label:44}"
-        for b in brokers:
-            tp = report["brokers"][b]["throughput"]
-            row += f"{(str(tp[key]) if tp else '-'):>24}"
-        lines.append(row)
+    lengths = sorted({tp["task_ms"] for b in brokers for tp in report["brokers"][b]["throughput"]})
+    for task_ms in lengths:
+        for label, key in [(f"{task_label(task_ms)}: reliable (tasks/s, median)", "reliable_median"),
+                           (f"{task_label(task_ms)}: Celery's defaults (tasks/s)", "defaults_median"),
+                           (f"{task_label(task_ms)}: ratio reliable / defaults", "ratio")]:
+            row = f"{label:44}"
+            for b in brokers:
+                tp = next((t for t in report["brokers"][b]["throughput"] if t["task_ms"] == task_ms), None)
+                row += f"{(str(tp[key]) if tp else '-'):>24}"
+            lines.append(row)
     for label, key in [("converge, fresh (s)", "fresh"), ("converge, re-run (s)", "rerun")]:
         lines.append(f"{label:44}" + "".join(f"{fmt(report['brokers'][b]['converge'][key], ''):>24}" for b in brokers))
     lines.append(f"{'drill tasks sent / lost / duplicated':44}" + "".join(

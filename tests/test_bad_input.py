@@ -32,6 +32,10 @@ CASES = {
     "visibility timeout below hard limit + countdown": (
         {"celery_task_max_countdown": 600, "celery_broker_visibility_timeout": 4000},
         "celery_broker_visibility_timeout"),
+    "prefetch multiplier zero": ({"celery_worker_prefetch_multiplier": 0}, "celery_worker_prefetch_multiplier must be"),
+    "visibility timeout below the wait of a reserved task": (
+        {"celery_worker_prefetch_multiplier": 4, "celery_broker_visibility_timeout": 8000},
+        "Raise it, or lower celery_worker_prefetch_multiplier"),
     "hard limit not above soft": ({"celery_task_time_limit": 3600}, "celery_task_time_limit"),
     "stop timeout below drain": ({"celery_worker_stop_timeout": 100}, "celery_worker_stop_timeout"),
     "quorum queues on redis": ({"celery_broker_queue_type": "quorum"}, "celery_broker_queue_type"),
@@ -146,6 +150,9 @@ CASES = {
         "celery_worker_rabbitmq_fence_seconds"),
     "rabbitmq consumer timeout below hard limit": (
         {"celery_broker_type": "rabbitmq", "celery_broker_consumer_timeout": 600}, "celery_broker_consumer_timeout"),
+    "rabbitmq consumer timeout below the wait of a reserved task": (
+        {"celery_broker_type": "rabbitmq", "celery_broker_consumer_timeout": 4000},
+        "celery_broker_consumer_timeout (4000 s) must be"),
 }
 
 

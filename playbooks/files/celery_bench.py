@@ -1,5 +1,5 @@
 # Managed by Ansible (playbooks/bench_throughput.yml): installed for a benchmark, removed after it.
-"""No-op tasks for the throughput benchmark.
+"""No-op (or short, sleeping) tasks for the throughput benchmark.
 
 As a worker application: the benchmark starts instances of the bundle's own worker unit,
 ``celery-worker@bench-reliable`` (the bundle's settings) and ``celery-worker@bench-defaults``
@@ -9,11 +9,11 @@ to ``CELERY_BENCH_COUNT_FILE``, so the benchmark counts completions without the 
 
 As a command, run by the benchmark as root on a worker host:
 
-    celery_bench.py CONFIG_DIR LIB_DIR APP_DIR INSTANCE drain COUNT TIMEOUT
+    celery_bench.py CONFIG_DIR LIB_DIR APP_DIR INSTANCE drain COUNT TIMEOUT [TASK_SECONDS]
 
-stops ``celery-worker@INSTANCE``, queues COUNT no-op tasks on its queue, starts it and
-prints (JSON) how fast it drained them: from the first completion to the last, and from
-the start of the unit to the last.
+stops ``celery-worker@INSTANCE``, queues COUNT tasks on its queue (each sleeps TASK_SECONDS,
+default 0: no-op), starts it and prints (JSON) how fast it drained them: from the first
+completion to the last, and from the start of the unit to the last.
 """
 
 import json
@@ -32,8 +32,10 @@ _fd = []
 
 
 @app.task(name=TASK_NAME)
-def noop():
-    """Count one completion (one byte, O_APPEND: atomic across the pool's processes)."""
+def noop(seconds=0):
+    """Sleep that long, then count one completion (one byte, O_APPEND: atomic across the pool's processes)."""
+    if seconds:
+        time.sleep(seconds)
     if not _fd:
         _fd.append(os.open(COUNT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
     os.write(_fd[0], b".")
@@ -57,8 +59,8 @@ def _count():
         return 0
 
 
-def drain(ctx, instance, count, timeout):
-    count, timeout = int(count), float(timeout)
+def drain(ctx, instance, count, timeout, task_seconds=0):
+    count, timeout, task_seconds = int(count), float(timeout), float(task_seconds)
     unit = f"celery-worker@{instance}.service"
     queue = os.environ["CELERY_WORKER_QUEUES"]
     subprocess.run(["systemctl", "stop", unit], check=True)
@@ -69,10 +71,12 @@ def drain(ctx, instance, count, timeout):
     published = time.time()
     with ctx.producer_or_acquire() as producer:
         for _ in range(count):
-            ctx.send_task(TASK_NAME, queue=queue, producer=producer)
+            ctx.send_task(TASK_NAME, args=[task_seconds] if task_seconds else [], queue=queue, producer=producer)
     published = time.time() - published
     started = time.time()
-    subprocess.run(["systemctl", "start", unit], check=True)
+    # --no-block: the unit is Type=notify, and its worker may drain the whole queue before
+    # it reports ready; the counting must run meanwhile.
+    subprocess.run(["systemctl", "start", "--no-block", unit], check=True)
     first = None
     deadline = started + timeout
     while time.time() < deadline:
@@ -86,7 +90,7 @@ def drain(ctx, instance, count, timeout):
     done = _count()
     subprocess.run(["systemctl", "stop", unit], check=True)
     steady = (done - first[1]) / (last - first[0]) if first and last > first[0] else 0.0
-    return {"instance": instance, "count": count, "completed": done,
+    return {"instance": instance, "count": count, "task_seconds": task_seconds, "completed": done,
             "publish_seconds": round(published, 2), "seconds": round(last - started, 2),
             "tasks_per_second": round(steady, 1),
             "tasks_per_second_with_startup": round(done / (last - started), 1)}

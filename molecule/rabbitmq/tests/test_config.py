@@ -16,9 +16,9 @@ def rabbitmqctl(stack, *args):
 
 
 def test_running_broker_reports_the_derived_consumer_timeout(stack):
-    # Explicit 61 s in the scenario (checked > hard limit 60 + countdown 0).
+    # Explicit 121 s in the scenario (checked > prefetch multiplier 2 x hard limit 60 + countdown 0).
     out = rabbitmqctl(stack, "eval", "application:get_env(rabbit, consumer_timeout).")
-    assert out.strip() == "{ok,61000}"
+    assert out.strip() == "{ok,121000}"
 
 
 def test_rabbitmq_listens_only_on_the_given_addresses(stack):

@@ -9,7 +9,9 @@ Each fails when its mechanism is removed:
   - the unit not enabled: it is not back after a reboot;
   - broker persistence off: queued tasks vanish with a broker crash;
   - no watchdog (WatchdogSec=0): a frozen worker is never restarted; a watchdog fed by a
-    timer alone: a worker that consumes nothing is never restarted.
+    timer alone: a worker that consumes nothing is never restarted;
+  - broker timers not derived from the prefetch multiplier (or shorter than a reserved
+    task's wait): a task reserved behind a running one is handed out again and runs twice.
 The seconds from each fault to the task running again go to the recovery report.
 """
 
@@ -150,6 +152,41 @@ def test_a_worker_that_stops_consuming_is_restarted_by_its_watchdog(stack, recov
 
     assert restarted <= watchdog + abort + restart_sec + 5, f"restarted after {restarted:.1f} s"
     assert stack.unit_property(UNIT, "StatusText") == "Consuming celery"
+
+
+def test_a_reserved_task_waits_on_its_worker_and_runs_once(stack, scenario):
+    """g. celery_worker_prefetch_multiplier 2: a task reserved behind a running one waits on
+    the worker, unacknowledged, and runs there once, after it. The broker's timer (Redis:
+    the visibility timeout; RabbitMQ: consumer_timeout) covers the longest such wait plus the
+    run, so it never hands the waiting message out again."""
+    settings = stack.settings()
+    multiplier, hard = settings["worker_prefetch_multiplier"], settings["task_time_limit"]
+    assert multiplier >= 2, "the scenarios reserve one task beyond the running one"
+    if scenario.get("server") in ("redis", "valkey"):
+        timer = settings["broker_transport_options"]["visibility_timeout"]
+    else:
+        out = stack.broker.check_output("rabbitmqctl -q eval 'application:get_env(rabbit, consumer_timeout).'")
+        timer = int(out.strip().removeprefix("{ok,").removesuffix("}")) / 1000
+    assert timer > multiplier * hard, f"the broker's timer ({timer} s) is shorter than {multiplier} x hard limit {hard} s"
+
+    node = f"extra@{stack.worker.check_output('hostname')}"  # concurrency 1: one runs, one waits
+    (running,) = stack.send(8, queue="extra")
+    stack.wait_runs(running, 1, timeout=30)
+    (waiting,) = stack.send(0, queue="extra")
+    reserved = stack.wait_until(
+        "the second task reserved by the busy worker",
+        lambda: waiting in stack.run_as_worker(
+            f"{VENV}/bin/celery --app=celery_reliable inspect reserved --json --destination={node}"),
+        timeout=10, interval=1)
+    assert reserved
+    done = stack.wait_runs(waiting, 1, event="done", timeout=60)[0]
+
+    runs = stack.runs(waiting)
+    assert len(runs) == 1, f"the reserved task ran {len(runs)} times"
+    assert not runs[0]["redelivered"], "the reserved task was handed out again"
+    assert runs[0]["node"] == node
+    assert runs[0]["t"] >= stack.runs(running, "done")[0]["t"], "it did not wait for the running task"
+    assert done["t"] >= runs[0]["t"]
 
 
 def test_broker_restart_and_sigkill_keep_queued_tasks(stack, scenario, recovery):

@@ -54,7 +54,8 @@ def test_every_instance_runs_as_the_worker_user(stack):
 
 
 def test_reliable_settings_override_the_application(stack):
-    """The demo app sets task_acks_late=False and prefetch 4; the workers must not use them."""
+    """The demo app sets task_acks_late=False and prefetch 4; the workers must not use them
+    (prefetch: celery_worker_prefetch_multiplier, 2 by default)."""
     conf = stack.effective_conf([
         "task_acks_late", "task_reject_on_worker_lost", "worker_prefetch_multiplier",
         "task_acks_on_failure_or_timeout", "broker_connection_max_retries",
@@ -63,7 +64,7 @@ def test_reliable_settings_override_the_application(stack):
     ])
     assert conf["task_acks_late"] is True
     assert conf["task_reject_on_worker_lost"] is True
-    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["worker_prefetch_multiplier"] == 2
     assert conf["task_acks_on_failure_or_timeout"] is True
     assert conf["broker_connection_max_retries"] is None
     assert conf["broker_connection_retry_on_startup"] is True
