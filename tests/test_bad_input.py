@@ -36,6 +36,9 @@ CASES = {
     "visibility timeout below the wait of a reserved task": (
         {"celery_worker_prefetch_multiplier": 4, "celery_broker_visibility_timeout": 8000},
         "Raise it, or lower celery_worker_prefetch_multiplier"),
+    "prefetch multiplier that differs between hosts": (
+        {"celery_worker_prefetch_multiplier": "{{ 3 if inventory_hostname == 'bad-input-worker' else 2 }}"},
+        "must be one value for the whole deployment"),
     "hard limit not above soft": ({"celery_task_time_limit": 3600}, "celery_task_time_limit"),
     "stop timeout below drain": ({"celery_worker_stop_timeout": 100}, "celery_worker_stop_timeout"),
     "quorum queues on redis": ({"celery_broker_queue_type": "quorum"}, "celery_broker_queue_type"),
