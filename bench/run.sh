@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# The bundle's benchmark: how fast tasks come back after each fault, what late ack and
-# prefetch 1 cost in throughput, and how long a deployment takes. For each broker, on the
+# The bundle's benchmark: how fast tasks come back after each fault, what late ack and the
+# bundle's prefetch cost in throughput, and how long a deployment takes. For each broker, on the
 # local sandbox (scripts/sandbox.sh), from nothing:
 #   1. a fresh deployment (site.yml on a broker and two new worker hosts), timed, then the
 #      fire drill (playbooks/drill.yml) with every fault: worker SIGKILL, pool process
 #      SIGKILL, systemctl restart, host reboot, broker restart;
 #   2. an idempotent re-run of site.yml, timed (it must change nothing);
 #   3. the fire drill again, RUNS times in all (median and max per fault);
-#   4. the throughput benchmark (playbooks/bench_throughput.yml): TASKS no-op tasks drained
-#      with the bundle's settings and with Celery's defaults, ROUNDS times each, alternating.
+#   4. the throughput benchmark (playbooks/bench_throughput.yml): TASKS no-op tasks, then
+#      TASKS tasks of 10 ms, drained with the bundle's settings and with Celery's defaults,
+#      ROUNDS times each, alternating.
 # Then bench/report.py prints the table with PASS, FAIL or MISS per target and writes it as
 # JSON: the full run to bench/results/latest.json (committed: the figures docs/benchmark.md
 # quotes), a --quick run to .results/bench-quick.json (not committed). Exit status 1 if a
 # recovery target is missed (FAIL).
 #
 # Usage: bench/run.sh [--quick] [--reuse] [redis] [rabbitmq]   (default: both, full size)
-#   full:    3 drills, 5000 tasks x 3 rounds   (about 25 min on 2 cores)
+#   full:    3 drills, 5000 tasks x 3 rounds   (about 32 min on 2 cores)
 #   --quick: 1 drill,  1000 tasks x 1 round    (the CI-sized run)
 #   --reuse: keep the sandbox that `CELERY_SANDBOX_TIMINGS=DIR/BROKER/timings.jsonl
 #            scripts/sandbox.sh up BROKER` just built, with its drill copied to
@@ -75,7 +76,7 @@ PY
     cp .drill/report.json "$dir/drill-$n.json"
   done
 
-  step "$broker: throughput, $tasks no-op tasks x $rounds round(s), reliable vs Celery's defaults"
+  step "$broker: throughput, $tasks no-op and $tasks 10 ms tasks x $rounds round(s), reliable vs Celery's defaults"
   ansible-playbook -i inventories/sandbox playbooks/bench_throughput.yml \
     -e celery_bench_tasks="$tasks" -e celery_bench_rounds="$rounds" \
     -e celery_bench_report_file="$dir/throughput.json"
