@@ -22,7 +22,8 @@ As a command, run by the drill as root on a worker host:
                                                       on another host at FAULT_T, starts
                                                       here; print the seconds from FAULT_T
     celery_drill_canary.py consume QUEUE on|off       make this host's drill worker consume
-                                                      QUEUE too, or stop (remote control)
+                                                      QUEUE too, or stop (remote control);
+                                                      return once its active queues show it
     celery_drill_canary.py settle TIMEOUT             wait for every canary sent from this
                                                       host to finish; print the counts, and
                                                       how often each canary finished here
@@ -161,17 +162,29 @@ def _node_name():
 
 
 def consume(ctx, queue, switch):
-    """Add QUEUE to this host's drill worker, or cancel it (Celery's remote control)."""
+    """Make this host's drill worker consume QUEUE, or stop (Celery's remote control).
+
+    The worker answers add_consumer and cancel_consumer before it acts on them: Celery queues
+    the change on the worker's event loop (call_soon), which may sit until the loop's next
+    wake-up, a second or more later. A canary sent in that gap still reaches the worker that
+    was told to stop (the fire drill failed so once). Done means the worker's own list of
+    active queues shows the change: only then is the consumer added or cancelled at the broker.
+    """
     node = _node_name()
-    for _ in range(10):  # a worker that just (re)started answers once its consumer is up
-        if switch == "on":
-            replies = ctx.control.add_consumer(queue, destination=[node], reply=True, timeout=3)
-        else:
-            replies = ctx.control.cancel_consumer(queue, destination=[node], reply=True, timeout=3)
+    wanted = switch == "on"
+    command = ctx.control.add_consumer if wanted else ctx.control.cancel_consumer
+    deadline = time.time() + 60  # a worker that just (re)started answers once its consumer is up
+    replies = []
+    while time.time() < deadline:
+        if not replies:
+            replies = command(queue, destination=[node], reply=True, timeout=3)
         if replies:
-            return {"node": node, "queue": queue, "consuming": switch == "on", "replies": replies}
-        time.sleep(1)
-    sys.exit(f"{node} did not answer the remote-control command for {queue!r}")
+            # Each request also wakes the worker's loop, which then runs the queued change.
+            active = ctx.control.inspect(destination=[node], timeout=3).active_queues() or {}
+            if node in active and (queue in {q["name"] for q in active[node]}) == wanted:
+                return {"node": node, "queue": queue, "consuming": wanted, "replies": replies}
+        time.sleep(0.5)
+    sys.exit(f"{node} did not {'start' if wanted else 'stop'} consuming {queue!r} within 60 s")
 
 
 def settle(timeout):
