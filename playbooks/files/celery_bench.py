@@ -41,17 +41,6 @@ def noop(seconds=0):
     os.write(_fd[0], b".")
 
 
-def _load_env_file(path):
-    with open(path, encoding="utf-8") as env:
-        for line in env:
-            line = line.strip()
-            if line and not line.startswith(("#", ";")) and "=" in line:
-                key, value = line.split("=", 1)
-                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                    value = value[1:-1]
-                os.environ[key.strip()] = value
-
-
 def _count():
     try:
         return os.path.getsize(os.environ["CELERY_BENCH_COUNT_FILE"])
@@ -60,6 +49,8 @@ def _count():
 
 
 def drain(ctx, instance, count, timeout, task_seconds=0):
+    import celery_reliable_tools  # noqa: E402  (the worker role's helpers, on sys.path in main)
+
     count, timeout, task_seconds = int(count), float(timeout), float(task_seconds)
     unit = f"celery-worker@{instance}.service"
     queue = os.environ["CELERY_WORKER_QUEUES"]
@@ -69,9 +60,7 @@ def drain(ctx, instance, count, timeout, task_seconds=0):
     except FileNotFoundError:
         pass
     published = time.time()
-    with ctx.producer_or_acquire() as producer:
-        for _ in range(count):
-            ctx.send_task(TASK_NAME, args=[task_seconds] if task_seconds else [], queue=queue, producer=producer)
+    celery_reliable_tools.send(ctx, TASK_NAME, count, queue, args=[task_seconds] if task_seconds else [])
     published = time.time() - published
     started = time.time()
     # --no-block: the unit is Type=notify, and its worker may drain the whole queue before
@@ -98,14 +87,14 @@ def drain(ctx, instance, count, timeout, task_seconds=0):
 
 def main(argv):
     config_dir, lib_dir, app_dir, instance, command, *args = argv
-    _load_env_file(os.path.join(config_dir, "worker.env"))
-    _load_env_file(os.path.join(config_dir, f"instance-{instance}.env"))
     sys.path[:0] = [lib_dir, app_dir]
-    import celery_reliable  # noqa: E402  (the workers' loader: same URL, same settings)
+    import celery_reliable_tools  # noqa: E402  (the worker role's helpers)
 
+    # The workers' environment and loader: same URL, same settings.
+    celery_reliable_tools.load_worker_env(config_dir, instance)
     if command != "drain":
         sys.exit(f"unknown command {command!r}")
-    print(json.dumps(drain(celery_reliable.app, instance, *args)))
+    print(json.dumps(drain(celery_reliable_tools.worker_app(), instance, *args)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ many times it was replayed).
 """
 
 import json
-import os
 import sys
 from collections import Counter
 
@@ -39,21 +38,6 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
 end
 return 0
 """
-
-
-def load_env_file(path):
-    """KEY=VALUE lines as systemd's EnvironmentFile= reads them (no shell expansion).
-
-    Also the fire drill's (celery_drill_canary.py imports it from here)."""
-    with open(path, encoding="utf-8") as env:
-        for line in env:
-            line = line.strip()
-            if not line or line.startswith(("#", ";")) or "=" not in line:
-                continue
-            key, value = line.split("=", 1)
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            os.environ[key.strip()] = value
 
 
 def _text(value):
@@ -184,11 +168,13 @@ def main(argv):
     elif action != "list":
         raise SystemExit(f"unknown action {action!r}: list or replay")
     limit = int(rest[0]) if rest else 1000
-    load_env_file(os.path.join(config_dir, "worker.env"))
     sys.path[:0] = [lib_dir, app_dir]
-    import celery_reliable  # noqa: E402  (the workers' own loader: same URL, same settings)
+    import celery_reliable_tools  # noqa: E402  (the worker role's helpers)
 
-    report, replayed, skipped, letters = runner(celery_reliable.app)(celery_reliable.app, queue, selection, limit)
+    # The workers' environment and loader: same URL, same settings.
+    celery_reliable_tools.load_worker_env(config_dir)
+    app = celery_reliable_tools.worker_app()
+    report, replayed, skipped, letters = runner(app)(app, queue, selection, limit)
     if selection is not None:
         wanted = set(selection.get("ids", []))
         report.update(replayed=replayed, skipped=skipped,

@@ -31,7 +31,8 @@ As a command, run by the drill as root on a worker host:
                                                       the instance's fast-recovery records)
 
 Each prints one JSON object. The broker URL and settings come from the worker's own
-environment files, read here the way systemd reads them.
+environment files, read here the way systemd reads them (celery_reliable_tools.py, the
+worker role's helpers, which also send the canaries and count them).
 """
 
 import json
@@ -41,9 +42,6 @@ import sys
 import time
 
 from celery import Celery
-
-# The dead-letter helper, installed next to this module by the drill.
-from celery_dead_letters import load_env_file as _load_env_file  # noqa: E402
 
 EVENTS_FILE = os.environ.get("CELERY_DRILL_EVENTS", "/var/lib/celery/drill/events.jsonl")
 TASK_NAME = "celery_drill.canary"
@@ -84,21 +82,15 @@ def _read_jsonl(path):
         return []
 
 
-def _configured_app(lib_dir, app_dir):
-    sys.path[:0] = [lib_dir, app_dir]
-    import celery_reliable  # noqa: E402  (the workers' own loader: same URL, same settings)
-
-    return celery_reliable.app
-
-
 def _sent_file():
     return os.path.join(os.path.dirname(EVENTS_FILE), "sent.jsonl")
 
 
 def send(ctx, queue, count, seconds):
+    import celery_reliable_tools  # noqa: E402  (the worker role's helpers, on sys.path in main)
+
     since = time.time()
-    ids = [ctx.send_task(TASK_NAME, args=(float(seconds),), queue=queue).id
-           for _ in range(int(count))]
+    ids = celery_reliable_tools.send(ctx, TASK_NAME, count, queue, args=(float(seconds),))
     for task_id in ids:
         _append(_sent_file(), {"id": task_id, "queue": queue, "t": time.time()})
     return {"since": since, "ids": ids}
@@ -189,27 +181,17 @@ def consume(ctx, queue, switch):
 
 def settle(timeout):
     """Wait for every canary sent from this host to finish; count lost and duplicated."""
+    import celery_reliable_tools  # noqa: E402  (the worker role's helpers, on sys.path in main)
+
     deadline = time.time() + float(timeout)
     sent = [row["id"] for row in _read_jsonl(_sent_file())]
     while True:
-        events = _read_jsonl(EVENTS_FILE)
-        done = {}
-        starts = 0
-        for e in events:
-            if e["event"] == "done":
-                done[e["id"]] = done.get(e["id"], 0) + 1
-            else:
-                starts += 1
-        lost = [task_id for task_id in sent if task_id not in done]
-        if not lost or time.time() > deadline:
-            break
+        counts = celery_reliable_tools.count_runs(sent, _read_jsonl(EVENTS_FILE))
+        if not counts["lost"] or time.time() > deadline:
+            # Canaries handed over between hosts finish on another host than the one that
+            # sent them: the drill adds "done" up over all hosts to find one that finished twice.
+            return counts
         time.sleep(0.5)
-    duplicated = [task_id for task_id in sent if done.get(task_id, 0) > 1]
-    # Canaries handed over between hosts finish on another host than the one that sent them:
-    # the drill adds these counts up over all hosts to find a canary that finished twice.
-    return {"sent": len(sent), "completed": len(sent) - len(lost), "lost": len(lost),
-            "duplicated": len(duplicated), "runs": starts, "lost_ids": lost,
-            "duplicated_ids": duplicated, "done": done}
 
 
 def dead_letters(ctx, queue):
@@ -242,8 +224,10 @@ def main(argv):
     # celery_drill_canary.py CONFIG_DIR LIB_DIR APP_DIR INSTANCE COMMAND ARGS...
     global EVENTS_FILE
     config_dir, lib_dir, app_dir, instance, command, *args = argv
-    _load_env_file(os.path.join(config_dir, "worker.env"))
-    _load_env_file(os.path.join(config_dir, f"instance-{instance}.env"))
+    sys.path[:0] = [lib_dir, app_dir]
+    import celery_reliable_tools  # noqa: E402  (the worker role's helpers)
+
+    celery_reliable_tools.load_worker_env(config_dir, instance)
     EVENTS_FILE = os.environ["CELERY_DRILL_EVENTS"]
     os.environ["CELERY_DRILL_INSTANCE"] = instance
     if command == "recovered":
@@ -253,7 +237,7 @@ def main(argv):
     elif command == "handover":
         result = handover(*args)
     else:
-        ctx = _configured_app(lib_dir, app_dir)
+        ctx = celery_reliable_tools.worker_app()
         if command == "send":
             result = send(ctx, *args)
         elif command == "consume":

@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 
 from pathlib import Path
@@ -20,8 +21,21 @@ import testinfra
 APP_DIR = "/opt/celery/app"
 VENV = "/opt/celery/venv"
 CONFIG_DIR = "/etc/celery"
+LIB_DIR = "/usr/local/lib/celery-worker"
+
+
+def worker_shell(command):
+    """A shell command line running COMMAND (shell syntax) in the application directory with
+    the worker units' environment, read by the worker role's helpers (celery_reliable_tools.py)
+    the way systemd reads the units' EnvironmentFile=."""
+    return (f"cd {APP_DIR} && PYTHONPATH={LIB_DIR}:{APP_DIR} exec {VENV}/bin/python"
+            f" {LIB_DIR}/celery_reliable_tools.py run {CONFIG_DIR} -- sh -c {shlex.quote(command)}")
+
+
 EVENTS_FILE = "/var/lib/demo-app/events.jsonl"
 REPO = Path(__file__).resolve().parents[3]
+# The worker role's helpers, the module the hosts run: the tests count with it too.
+sys.path.insert(0, str(REPO / "roles" / "celery_worker" / "files"))
 
 
 def scrape(host, url):
@@ -68,22 +82,19 @@ class Stack:
         return json.loads(out)
 
     def broker_url(self, host=None):
-        host = host or self.worker
-        for line in host.file(f"{CONFIG_DIR}/worker.env").content_string.splitlines():
-            if line.startswith("CELERY_BROKER_URL="):
-                return line.split("=", 1)[1].strip("'")
-        raise AssertionError("no CELERY_BROKER_URL in worker.env")
+        url = self.run_as_worker("printenv CELERY_BROKER_URL", host).strip()
+        assert url, "no CELERY_BROKER_URL in worker.env"
+        return url
 
     def broker_password(self):
         return unquote(urlsplit(self.broker_url()).password)
 
     def run_as_worker(self, command, host=None):
-        """Run a shell command with the worker units' environment and working directory."""
-        host = host or self.worker
-        return host.check_output(
-            f"set -a; . {CONFIG_DIR}/worker.env; set +a; "
-            f"export PYTHONPATH=/usr/local/lib/celery-worker:{APP_DIR}; cd {APP_DIR} && {command}"
-        )
+        """Run a shell command with the worker units' environment and working directory.
+
+        The environment is read by the worker role's helpers (celery_reliable_tools.py) the
+        way systemd reads the units' EnvironmentFile=, not by the shell."""
+        return (host or self.worker).check_output(worker_shell(command))
 
     # --------------------------------------------------------------------- tasks ---
     def send(self, seconds, queue="celery", count=1, host=None):
@@ -155,10 +166,8 @@ class Stack:
         """Publish padded tasks until the broker refuses one; return (accepted ids, refusal)."""
         host = host or self.worker
         script = "import sys, celery_reliable, demo_app; demo_app.main(sys.argv[1:])"
-        result = host.run(
-            f"set -a; . {CONFIG_DIR}/worker.env; set +a; "
-            f"export PYTHONPATH=/usr/local/lib/celery-worker:{APP_DIR}; cd {APP_DIR} && "
-            f"{VENV}/bin/python -c {shlex.quote(script)} send-fill {queue} {pad_bytes} {max_count}")
+        result = host.run(worker_shell(
+            f"{VENV}/bin/python -c {shlex.quote(script)} send-fill {queue} {pad_bytes} {max_count}"))
         assert result.rc == 0, result.stderr[-2000:]
         refusals = [line for line in result.stderr.splitlines() if line.startswith("refused: ")]
         return result.stdout.split(), (refusals[0] if refusals else None)

@@ -13,7 +13,8 @@ import uuid
 
 import testinfra
 
-from celery_stack import APP_DIR, CONFIG_DIR, VENV, Stack
+import celery_reliable_tools  # the worker role's helpers (celery_stack puts them on sys.path)
+from celery_stack import VENV, Stack, worker_shell
 
 
 class Stream:
@@ -24,9 +25,7 @@ class Stream:
         self.host_name = host_name
         self.stop_file = f"/tmp/stream-{uuid.uuid4().hex}.stop"
         script = "import sys, celery_reliable, demo_app; demo_app.main(sys.argv[1:])"
-        command = (
-            f"set -a; . {CONFIG_DIR}/worker.env; set +a; "
-            f"export PYTHONPATH=/usr/local/lib/celery-worker:{APP_DIR}; cd {APP_DIR} && "
+        command = worker_shell(
             f"exec {VENV}/bin/python -c {shlex.quote(script)} send-stream {seconds} {queue} "
             f"{interval} {self.stop_file} {max_seconds}")
         self.started = time.time()
@@ -84,20 +83,6 @@ class ClusterStack(Stack):
             self.wait_until(f"{len(ids)} streamed tasks to finish", finished, timeout, interval=2)
         except AssertionError:
             pass  # counted as lost below
-        events = [e for e in self.events() if e["id"] in set(ids)]
-        starts = {task: 0 for task in ids}
-        dones = {task: 0 for task in ids}
-        for event in events:
-            if event["event"] == "start":
-                starts[event["id"]] += 1
-            elif event["event"] == "done":
-                dones[event["id"]] += 1
-        return {
-            "sent": len(ids),
-            "completed": sum(1 for task in ids if dones[task] >= 1),
-            "lost": sum(1 for task in ids if dones[task] == 0),
-            # started more than once (an interrupted run and a complete one)
-            "rerun": sum(1 for task in ids if starts[task] > 1),
-            # completed more than once
-            "duplicated": sum(1 for task in ids if dones[task] > 1),
-        }
+        wanted = set(ids)
+        counts = celery_reliable_tools.count_runs(ids, [e for e in self.events() if e["id"] in wanted])
+        return {key: counts[key] for key in ("sent", "completed", "lost", "rerun", "duplicated")}
