@@ -13,8 +13,10 @@ import uuid
 
 import testinfra
 
-import celery_reliable_tools  # the worker role's helpers (celery_stack puts them on sys.path)
 from celery_stack import VENV, Stack, worker_shell
+
+# The worker role's helpers: importable once celery_stack has put their directory on sys.path.
+import celery_reliable_tools  # noqa: E402,I100
 
 
 class Stream:
