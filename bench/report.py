@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarise a bench/run.sh run: a table on the terminal, JSON on disk, targets pass/fail.
 
-Usage: report.py --size full|quick [--junit JUNIT_XML] RUN_DIR OUTPUT_JSON
+Usage: report.py --size full|quick RUN_DIR OUTPUT_JSON
 RUN_DIR holds one directory per broker with drill-N.json (playbooks/drill.yml reports),
 timings.jsonl (playbook durations) and throughput.json (playbooks/bench_throughput.yml).
 Each target prints PASS when met; a missed recovery target prints FAIL and gates CI (exit
@@ -138,22 +138,6 @@ def targets(s):
     return checked
 
 
-def write_junit(path, report):
-    from xml.sax.saxutils import escape, quoteattr
-
-    cases = []
-    for broker, summary in report["brokers"].items():
-        for t in summary["targets"]:
-            if not t["gates_ci"]:
-                continue
-            name = escape(f"benchmark {broker}: {t['target']} (measured {t['value']})")
-            failure = "" if t["ok"] else f"<failure message={quoteattr('limit ' + str(t['limit']))}/>"
-            cases.append(f'<testcase classname="bench" name="{name}">{failure}</testcase>')
-    failures = sum("<failure" in c for c in cases)
-    path.write_text(f'<testsuite name="bench" tests="{len(cases)}" failures="{failures}">'
-                    + "".join(cases) + "</testsuite>\n")
-
-
 def task_label(task_ms):
     return "no-op tasks" if not task_ms else f"{task_ms} ms tasks"
 
@@ -165,7 +149,6 @@ def fmt(value, unit=" s"):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="full")
-    parser.add_argument("--junit", type=Path, help="also write the CI-gating targets as JUnit cases")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("output", type=Path)
     args = parser.parse_args()
@@ -213,8 +196,6 @@ def main():
     print("\n".join(lines))
     report["table"] = lines
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    if args.junit:
-        write_junit(args.junit, report)
     print(f"\nwritten: {args.output}")
     return 1 if failed_gates else 0
 

@@ -144,7 +144,7 @@ python_tools() {
   echo "$want" >"$stamp"
 }
 
-# promtool, which tests the Prometheus alert rules (tests/test_alert_rules.py): taken out of
+# promtool, which tests the Prometheus alert rules (tests/static/test_alert_rules.py): taken out of
 # Debian's prometheus package into .tools/bin, without installing the package (which would
 # start a Prometheus server on this machine).
 promtool() {

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The bundle's whole test suite, as CI runs it (.ci/run calls this script):
 #   1. scripts/bootstrap.sh: Python tools, Docker engine, local systemd base image;
-#   2. host packages: the bootstrap's apt part on fresh Debian 12 and 13 containers;
-#      static checks: yamllint, ansible-lint (production profile), syntax checks, and the
-#      table of bad inputs that site.yml must refuse before changing anything;
-#   3. every Molecule scenario in molecule/, one at a time;
+#   2. tests/bootstrap: the bootstrap's apt part on fresh Debian 12 and 13 containers;
+#      static checks: yamllint, ansible-lint (production profile), syntax checks, and
+#      tests/static (no containers: the bad inputs site.yml must refuse, docs, collection);
+#   3. every Molecule scenario in molecule/, one at a time (its tests: tests/integration/);
 #   4. the sandbox (scripts/sandbox.sh) with each broker, ending with the fire drill, and the
-#      CI-sized benchmark on it (bench/run.sh --quick): a missed recovery target fails.
+#      CI-sized benchmark on it (bench/run.sh --quick); tests/results turns their reports
+#      into test cases: a lost task or a missed recovery target fails.
+# Every result is a pytest JUnit file in the results directory; the last line counts them.
 # Usage: scripts/test.sh [SCENARIO ...]   (a scenario name, valkey, sandbox-redis, sandbox-rabbitmq)
 set -euo pipefail
 
@@ -15,7 +17,7 @@ cd "$repo"
 results=${CELERY_BUNDLE_RESULTS_DIR:-$repo/.results}
 export CELERY_BUNDLE_RESULTS_DIR=$results
 mkdir -p "$results"
-rm -rf "$results"/junit-*.xml "$results"/drill-*.json "$results"/bench "$results"/bench.json
+rm -rf "$results"/junit-*.xml "$results"/drill-*.json "$results"/sandbox-*.exit "$results"/bench "$results"/bench.json
 
 step() { printf '\n=== %s [%s]\n' "$*" "$(date +%H:%M:%S)"; }
 start=$(date +%s)
@@ -25,10 +27,21 @@ bash scripts/bootstrap.sh
 export PATH=/usr/bin:$repo/.venv/bin:$PATH
 export ANSIBLE_CONFIG=$repo/ansible.cfg
 
+# pytest with the results directory's JUnit file, quiet, no cache in the clone.
+run_pytest() {
+  local junit=$1
+  shift
+  pytest -p no:cacheprovider -q --junitxml "$results/junit-$junit.xml" "$@"
+}
+# The no_log check of one run's whole output, against the variables holding its secrets.
+scan_secrets() {
+  CELERY_BUNDLE_SCAN_LOG=$1 CELERY_BUNDLE_SCAN_SECRETS=$2 CELERY_BUNDLE_SCAN_LABEL=$3 \
+    run_pytest "secrets-$3" -s tests/results/test_no_secrets.py
+}
+
 step "host packages: bootstrap --host-packages-only on fresh Debian 12 and 13 containers"
 CELERY_BUNDLE_IMAGE=celery-bundle/debian13-systemd:latest bash scripts/bootstrap.sh
-bash scripts/check_host_packages.sh "$results/junit-host-packages.xml" \
-  bookworm=celery-bundle/debian12-systemd:latest trixie=celery-bundle/debian13-systemd:latest
+run_pytest host-packages tests/bootstrap
 
 step "yamllint"
 yamllint --strict .
@@ -41,8 +54,8 @@ for playbook in site.yml playbooks/*.yml; do
   ansible-playbook --syntax-check -i inventories/example "$playbook"
 done
 
-step "bad input is refused before any change (pytest, no containers)"
-pytest -p no:cacheprovider -q -n 2 tests/ --junitxml "$results/junit-static.xml"
+step "bad input is refused before any change (pytest tests/static, no containers)"
+run_pytest static -n 2 tests/static
 
 if (($#)); then
   scenarios=("$@")
@@ -85,17 +98,8 @@ sandbox() {
     env "${with[@]}" CELERY_BENCH_DIR="$bench_dir" bash bench/run.sh --quick --reuse "$broker" 2>&1 |
       tee -a "$results/sandbox-$broker.log" || rc=$?
   fi
-  python3 scripts/check_no_secrets.py "$results/sandbox-$broker.log" \
-    inventories/sandbox/group_vars/all/generated.yml "$results/junit-secrets-sandbox-$broker.xml" \
-    "the sandbox ($broker)"
-  python3 - "$broker" "$rc" "$results/junit-sandbox-$broker.xml" <<'PY'
-import sys
-broker, rc, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-failure = f'<failure message="sandbox, drill or benchmark ({broker}) exited {rc}"/>' if rc else ""
-open(path, "w").write(
-    f'<testsuite name="sandbox" tests="1" failures="{int(bool(rc))}"><testcase classname="sandbox" '
-    f'name="sandbox, fire drill and quick benchmark ({broker}): deployed, no task lost">{failure}</testcase></testsuite>\n')
-PY
+  echo "$rc" >"$results/sandbox-$broker.exit"
+  scan_secrets "$results/sandbox-$broker.log" inventories/sandbox/group_vars/all/generated.yml "sandbox-$broker" || rc=1
   return "$rc"
 }
 
@@ -107,7 +111,7 @@ declare -A run_env=(
 )
 # A run's Molecule steps when not the scenario's whole test sequence: the valkey run leaves
 # out the check step (site.yml --check on fresh hosts), which the redis run makes with the
-# same tasks, and (CELERY_BUNDLE_SERVER_TESTS=1, molecule/redis/tests/conftest.py) the
+# same tasks, and (CELERY_BUNDLE_SERVER_TESTS=1, tests/integration/redis/conftest.py) the
 # tests that do not depend on the server: lost hosts, fast recovery, the watchdog restarts,
 # the hung stop.
 declare -A run_steps=(
@@ -134,7 +138,7 @@ for scenario in "${scenarios[@]}"; do
   if [[ $scenario == sandbox-* ]]; then
     step "sandbox and fire drill: scripts/sandbox.sh up ${scenario#sandbox-}"
     t0=$(date +%s)
-    sandbox "${scenario#sandbox-}"
+    sandbox "${scenario#sandbox-}" || true  # its verdict: tests/results (below)
     took[$scenario]=$(($(date +%s) - t0))
     continue
   fi
@@ -145,21 +149,18 @@ for scenario in "${scenarios[@]}"; do
   molecule_run "$scenario" "$molecule_scenario" "${extra_env[@]}" 2>&1 | tee "$results/molecule-$scenario.log"
   took[$scenario]=$(($(date +%s) - t0))
   step "no_log: the broker password never appears in the $scenario output"
-  python3 scripts/check_no_secrets.py "$results/molecule-$scenario.log" \
-    "molecule/$molecule_scenario/molecule.yml" "$results/junit-secrets-$scenario.xml"
+  scan_secrets "$results/molecule-$scenario.log" "molecule/$molecule_scenario/molecule.yml" "$scenario" || true
 done
 
 if [[ " ${scenarios[*]} " == *" sandbox-"* ]]; then
   step "removing the sandbox"
   bash scripts/sandbox.sh down
-  step "benchmark (CI size): recovery targets gate the run"
-  # A missed target fails its JUnit case (counted in the summary below); a report that could
-  # not be written at all fails one case of its own, so that the gate is never skipped.
-  python3 bench/report.py --size quick --junit "$results/junit-bench.xml" "$bench_dir" "$results/bench.json" || true
-  if [[ ! -s $results/junit-bench.xml ]]; then
-    printf '%s\n' '<testsuite name="bench" tests="1" failures="1"><testcase classname="bench" name="benchmark report written (bench/report.py)"><failure message="bench/report.py wrote no report: see its output above"/></testcase></testsuite>' \
-      >"$results/junit-bench.xml"
-  fi
+  step "the sandboxes, fire drills and benchmark (CI size): their reports as tests"
+  # report.py prints the table (MISS for a missed non-gating target); tests/results fails
+  # a case for a sandbox that failed, a lost or duplicated canary, a missed recovery target
+  # or a report that was not written.
+  python3 bench/report.py --size quick "$bench_dir" "$results/bench.json" || true
+  run_pytest results tests/results/test_sandbox.py tests/results/test_bench.py || true
 fi
 
 step "summary"

@@ -15,8 +15,8 @@ import testinfra
 
 from celery_stack import VENV, Stack, worker_shell
 
-# The worker role's helpers: importable once celery_stack has put their directory on sys.path.
-import celery_reliable_tools  # noqa: E402,I100
+# The worker role's helpers (pytest.ini puts roles/celery_worker/files on the path).
+import celery_reliable_tools  # noqa: I100
 
 
 class Stream:

@@ -1,18 +1,14 @@
-"""Facts of the redis scenario for the shared fixtures and tests in molecule/shared/tests.
+"""Facts of the redis scenario for the shared fixtures and tests in tests/lib.
 
 The scenario deploys Redis, or Valkey with CELERY_BUNDLE_BROKER_TYPE=valkey (its paths and
 unit carry the server's name: /etc/valkey/valkey.conf, valkey-server.service, valkey-cli).
 """
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
-
-from stack_fixtures import *  # noqa: E402,F401,F403
+from stack_fixtures import *  # noqa: F401,F403
 
 
 # The server the scenario deploys: redis or valkey.

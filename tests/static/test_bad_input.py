@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent / "bad_input"
 PREFLIGHT_PLAY = "Check the settings before changing anything"
 FACT_CACHE = Path(tempfile.gettempdir()) / f"celery-bundle-bad-input-facts-{os.getuid()}"
@@ -159,7 +159,7 @@ CASES = {
 }
 
 
-# Cases on a cluster inventory (tests/bad_input/hosts-cluster.yml: three brokers, two
+# Cases on a cluster inventory (tests/static/bad_input/hosts-cluster.yml: three brokers, two
 # workers, worker1 in celery_beat), on top of a valid RabbitMQ cluster baseline.
 CLUSTER_BASELINE = {"celery_broker_type": "rabbitmq", "rabbitmq_broker_erlang_cookie": "A" * 32}
 CLUSTER_CASES = {

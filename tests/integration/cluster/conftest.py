@@ -1,14 +1,10 @@
-"""Facts and fixtures of the cluster scenario (shared helpers in molecule/shared/tests)."""
+"""Facts and fixtures of the cluster scenario (shared helpers in tests/lib)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
-
-from cluster_stack import ClusterStack  # noqa: E402
-from stack_fixtures import recovery, pytest_terminal_summary  # noqa: E402,F401
+from cluster_stack import ClusterStack
+from stack_fixtures import recovery, pytest_terminal_summary  # noqa: F401
 
 NODES = ["celery-cluster-rabbit1", "celery-cluster-rabbit2", "celery-cluster-rabbit3"]
 WORKERS = ["celery-cluster-worker1", "celery-cluster-worker2"]

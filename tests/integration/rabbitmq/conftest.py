@@ -1,14 +1,10 @@
-"""Facts of the rabbitmq scenario for the shared fixtures and tests in molecule/shared/tests."""
+"""Facts of the rabbitmq scenario for the shared fixtures and tests in tests/lib."""
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "tests"))
-
-from stack_fixtures import *  # noqa: E402,F401,F403
+from stack_fixtures import *  # noqa: F401,F403
 
 
 @pytest.fixture(scope="session")

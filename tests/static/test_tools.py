@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-FILES = Path(__file__).resolve().parents[1] / "roles" / "celery_worker" / "files"
-sys.path.insert(0, str(FILES))
+FILES = Path(__file__).resolve().parents[2] / "roles" / "celery_worker" / "files"
 
-import celery_reliable_tools as tools  # noqa: E402
+import celery_reliable_tools as tools
 
 
 def test_the_environment_is_read_as_systemd_reads_it(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "prometheus" / "celery_bundle.rules.yml"
 TESTS = ROOT / "prometheus" / "celery_bundle.rules_test.yml"
 

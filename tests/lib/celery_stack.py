@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 
 from pathlib import Path
@@ -33,9 +32,7 @@ def worker_shell(command):
 
 
 EVENTS_FILE = "/var/lib/demo-app/events.jsonl"
-REPO = Path(__file__).resolve().parents[3]
-# The worker role's helpers, the module the hosts run: the tests count with it too.
-sys.path.insert(0, str(REPO / "roles" / "celery_worker" / "files"))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def scrape(host, url):

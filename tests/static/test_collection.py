@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GALAXY = yaml.safe_load((ROOT / "galaxy.yml").read_text())
 FQCN = f"{GALAXY['namespace']}.{GALAXY['name']}"
 ROLES = sorted(p.name for p in (ROOT / "roles").iterdir() if (p / "tasks").is_dir())
@@ -74,7 +74,7 @@ def test_installed_into_an_empty_path_it_runs_by_its_collection_names(source, ta
     inventory = ROOT / "inventories" / "example"
     # The site playbook includes its roles at run time: its gate (check mode, on this
     # machine under the bad-input tests' two names) finds every role in the collection.
-    bad_input = ROOT / "tests" / "bad_input"
+    bad_input = ROOT / "tests" / "static" / "bad_input"
     out = run("ansible-playbook", "--check", "--tags", "preflight-only", "-i", str(bad_input / "hosts.yml"),
               "-e", f"@{bad_input / 'good.yml'}", f"{FQCN}.site", cwd=tmp_path, env=env)
     for role in ("celery", "celery_worker", "redis_broker"):

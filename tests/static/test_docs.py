@@ -7,7 +7,7 @@
 - every script the README or docs show as a command in a ```sh block (scripts/*.sh,
   bench/run.sh, any relative path/to/x.sh or .py at the start of a command) is executable
   in git (mode 100755), so that it runs from a fresh clone;
-- the bad-input table of docs/tests.md lists every case of tests/test_bad_input.py.
+- the bad-input table of docs/tests.md lists every case of tests/static/test_bad_input.py.
 """
 
 import importlib.util
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted(ROOT.glob("roles/*/README.md"))]
 README_MAX_LINES = 160
 
@@ -192,7 +192,7 @@ def test_a_script_shown_as_a_command_is_executable_in_git(doc, number, script):
 
 # ------------------------------------------------------------- bad-input table ---
 def test_the_bad_input_table_lists_every_case():
-    cases = load("test_bad_input_cases", ROOT / "tests" / "test_bad_input.py")
+    cases = load("test_bad_input_cases", ROOT / "tests" / "static" / "test_bad_input.py")
     text = (ROOT / "docs" / "tests.md").read_text()
     rows = set(re.findall(r"^\| ([^|`]+?) \|", text, re.M))
     names = set(cases.CASES) | set(cases.CLUSTER_CASES) | set(cases.DRILL_CASES)

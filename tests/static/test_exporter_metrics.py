@@ -1,15 +1,11 @@
 """The Celery exporter's bookkeeping (roles/celery_worker/files/celery_reliable_exporter.py)
 on hand-made events: what it serves for this host's workers, and only for them. The
-Molecule scenarios check it against real workers (molecule/shared/tests/worker_config.py)."""
+Molecule scenarios check it against real workers (tests/lib/worker_config.py)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "roles" / "celery_worker" / "files"))
-
-from celery_reliable_exporter import Metrics  # noqa: E402
+from celery_reliable_exporter import Metrics
 
 
 @pytest.fixture()

@@ -1,3 +1,0 @@
-"""A worker host lost for good, restarted, or cut off the network (molecule/shared/tests/lost_host.py)."""
-
-from lost_host import *  # noqa: F401,F403

@@ -1,0 +1,3 @@
+"""Restart behaviour on the Redis path (the tests live in tests/lib/behaviour.py)."""
+
+from behaviour import *  # noqa: F401,F403
