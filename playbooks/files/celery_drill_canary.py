@@ -214,6 +214,11 @@ def cleanup(ctx, *queues):
             except Exception as exc:  # already gone: nothing to clean
                 deleted[queue] = str(exc)
                 channel = conn.default_channel
+            # Celery declared a direct exchange named after each queue (RabbitMQ keeps it).
+            try:
+                channel.exchange_delete(queue)
+            except Exception:  # already gone, or a transport without exchanges to delete
+                channel = conn.default_channel
         client = getattr(channel, "client", None)
         if client is not None and hasattr(client, "delete"):
             client.delete(f"unacked_incarnations:{node}")

@@ -2,6 +2,7 @@
 the environment read as systemd reads EnvironmentFile=, and the accounting of sent tasks that
 the fire drill and the tests report."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,18 @@ def test_counting_finds_lost_duplicated_and_rerun_tasks():
         {"sent": 5, "completed": 3, "lost": 2, "duplicated": 1, "rerun": 1, "runs": 6}
     assert counts["lost_ids"] == ["d", "e"] and counts["duplicated_ids"] == ["c"]
     assert counts["done"] == {"a": 1, "b": 1, "c": 2}
+
+
+def test_the_drill_totals_add_the_hosts_up():
+    """A canary sent from host 1 and handed over finishes on host 2: finished twice over both
+    hosts is a duplicate even when each host saw it finish once; a dead letter counts only
+    when it is one of the canaries."""
+    host1 = tools.count_runs(["a", "h"], [{"event": "done", "id": "a"}, {"event": "done", "id": "h"}])
+    host2 = tools.count_runs(["b", "x"], [{"event": "start", "id": "b"}, {"event": "done", "id": "b"},
+                                          {"event": "done", "id": "h"}])
+    totals = tools.merge_counts([host1, host2], ["x", "stranger"])
+    assert totals == {"sent": 4, "completed": 3, "lost": 1, "runs": 1, "duplicated": 1, "dead_lettered": 1}
+    out = subprocess.run([sys.executable, str(FILES / "celery_reliable_tools.py"), "merge"],
+                         input=json.dumps({"per_host": [host1, host2], "dead_letters": ["x"]}),
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == totals

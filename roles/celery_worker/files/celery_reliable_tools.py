@@ -12,12 +12,16 @@ the demo application's senders (templates/demo_app.py.j2) and the Molecule tests
 - worker_app: the workers' own configured Celery app (celery_reliable);
 - send: publish tasks by name and return their ids;
 - count_runs: from the ids sent and the "start"/"done" events the tasks wrote, the counts the
-  drill and the tests report (sent, completed, lost, duplicated, runs).
+  drill and the tests report (sent, completed, lost, duplicated, runs);
+- merge_counts: the fire drill's totals over the hosts' count_runs (a canary handed over
+  finishes on another host than the one that sent it) and the dead-letter queue's ids.
 
 As a command (the tests run their producers this way):
 
     python3 celery_reliable_tools.py run CONFIG_DIR [INSTANCE] -- COMMAND ARGS...
         run COMMAND with the workers' environment (worker.env, then instance-INSTANCE.env)
+    python3 celery_reliable_tools.py merge < {"per_host": [COUNTS, ...], "dead_letters": [ID, ...]}
+        print merge_counts as JSON (the fire drill's report)
 """
 
 import os
@@ -86,14 +90,38 @@ def count_runs(sent, events):
             "runs": runs, "lost_ids": lost, "duplicated_ids": duplicated, "done": done}
 
 
+def merge_counts(per_host, dead_letter_ids=()):
+    """Totals over the count_runs results of several hosts.
+
+    duplicated: ids finished more than once over all hosts together; dead_lettered: ids of
+    DEAD_LETTER_IDS that some host sent or saw finish (other messages in the queue are not
+    the caller's).
+    """
+    done = {}
+    for counts in per_host:
+        for task_id, times in counts["done"].items():
+            done[task_id] = done.get(task_id, 0) + times
+    known = set(done).union(*(counts["lost_ids"] for counts in per_host))
+    totals = {key: sum(int(counts[key]) for counts in per_host) for key in ("sent", "completed", "lost", "runs")}
+    totals.update(duplicated=sum(1 for times in done.values() if times > 1),
+                  dead_lettered=len(known & set(dead_letter_ids)))
+    return totals
+
+
 def main(argv):
+    if argv == ["merge"]:
+        import json
+        request = json.load(sys.stdin)
+        print(json.dumps(merge_counts(request["per_host"], request.get("dead_letters", ())), sort_keys=True))
+        return
     if len(argv) >= 4 and argv[0] == "run" and "--" in argv:
         split = argv.index("--")
         config_dir, instance = (argv[1:split] + [None])[:2]
         command = argv[split + 1:]
         if command:
             os.execvpe(command[0], command, load_worker_env(config_dir, instance, dict(os.environ)))
-    sys.exit("usage: celery_reliable_tools.py run CONFIG_DIR [INSTANCE] -- COMMAND ARGS...")
+    sys.exit("usage: celery_reliable_tools.py run CONFIG_DIR [INSTANCE] -- COMMAND ARGS...\n"
+             "       celery_reliable_tools.py merge < COUNTS_JSON")
 
 
 if __name__ == "__main__":
