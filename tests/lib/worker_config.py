@@ -168,3 +168,23 @@ def test_the_exporter_sees_this_hosts_workers_and_counts_failures(stack):
     stack.wait_until("the thawed worker up again", lambda: up(worker) == 1, 20)
     print({f"{name}{dict(labels)}": value for (name, labels), value in exporter_samples(stack.worker).items()
            if labels and dict(labels).get("worker") == worker})
+
+
+def test_a_file_that_drifted_is_written_again_by_the_next_run(stack):
+    """The roles write a file only where it differs from the host's (one find with checksums
+    per role, __celery_file_differs): drift in content or mode on a worker host is still
+    repaired by the next run of site.yml, and the workers restart with their files back.
+    Fails if a role skips its files on another test than content, mode, owner and group."""
+    worker, config = stack.worker, "/etc/celery"
+    instance_env = f"{config}/instance-extra.env"
+    original = worker.file(instance_env).content_string
+    worker.check_output(f"echo '# drift' >> {instance_env} && chmod 0644 {config}/settings.json")
+    rc, output = stack.playbook("site.yml", "--limit", stack.worker_names[0], "--tags", "celery_worker_configure",
+                                timeout=600)
+    assert rc == 0, output[-3000:]
+    assert worker.file(instance_env).content_string == original
+    assert worker.file(f"{config}/settings.json").mode == 0o640
+    recap = re.search(rf"{re.escape(stack.worker_names[0])}\s+: ok=\d+\s+changed=(\d+)", output)
+    assert recap and int(recap.group(1)) >= 2, output[-3000:]
+    for name in ("default", "extra"):
+        stack.wait_active(f"celery-worker@{name}.service", timeout=60)
